@@ -1,0 +1,92 @@
+"""Config helpers shared by experiment files, and the validation of a run config.
+
+Experiment files export `get_config(arg=None)`; `arg` is the string after ':' in
+`--config experiments/X.py:key1=v1,key2=v2` and is read with `parse_arg` (big_vision
+`configs/common.py` idea).
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+# Top-level keys a run config may hold; anything else is a typo and fails at once.
+RUN_KEYS = {
+    "seed": "int, the run's seed (params init, data order, dropout).",
+    "model_name": "registry name of the model (fm_adapt.models.MODELS).",
+    "model": "kwargs of the model, e.g. dict(variant='S/16').",
+    "model_init": "None, or a pretrained checkpoint to start from (path relative to the weights dir).",
+    "model_load": "kwargs of the checkpoint import (format, dont_load).",
+    "adapt": "list of adaptation transforms, e.g. [dict(kind='lora', rank=8)].",
+    "input": "data, pp, batch_size, worker_count.",
+    "evals": "named evaluators, e.g. evals.val = dict(type='classification', split='val').",
+    "loss": "objective, e.g. dict(name='softmax_xent').",
+    "total_epochs": "length of training in epochs (or use total_steps).",
+    "total_steps": "length of training in steps (overrides total_epochs).",
+    "optax_name": "adam | adamw | sgd | momentum | lion.",
+    "optax": "kwargs of the optax transformation.",
+    "lr": "base learning rate.",
+    "wd": "decoupled weight decay on kernels (0 = none).",
+    "grad_clip_norm": "global-norm gradient clipping (None = none).",
+    "schedule": "one schedule dict, or [(regex, schedule_or_None), ...]; None freezes.",
+    "mesh": "device mesh axes, e.g. [('data', -1), ('fsdp', 1)].",
+    "sharding_rules": "[(regex, 'fsdp' | 'replicate'), ...] for parameters.",
+    "log_every": "steps between training-metric logs.",
+    "eval_every": "steps between evaluations (0 = once per epoch).",
+    "checkpoint_every": "steps between checkpoints (0 = once per epoch).",
+    "keep_ckpts": "how many periodic checkpoints to keep.",
+    "best_metric": "evaluator metric that selects the best checkpoint, e.g. 'val/auc'.",
+    "test_eval": "evaluator run on the best checkpoint at the end (e.g. 'test'), or None.",
+    "progress": "show a progress bar (True / False).",
+    "data_dir": "data directory (else --data_dir, FM_ADAPT_DATA_DIR, the cache dir).",
+    "dtype": "compute dtype: float32 | bfloat16.",
+    "runlocal": "whether the experiment was shrunk to a smoke run (recorded, not used).",
+    "description": "free text recorded with the results.",
+}
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> ml_collections.ConfigDict:
+  """Parses 'key1=v1,key2=v2' against defaults given as keyword arguments.
+
+  Values are read as Python literals when they parse (`lr=1e-3`, `runlocal=True`), else kept
+  as strings. A bare `key` means `key=True`. Unknown keys fail with the list of valid keys.
+
+  Args:
+    arg: the string after ':' in `--config file.py:arg`, or None.
+    lazy: accept keys that are not in `spec` (as strings or literals).
+    **spec: the valid keys and their defaults.
+
+  Returns:
+    A ConfigDict with the defaults overridden by `arg`.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in spec and not lazy:
+      raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(spec)}")
+    parsed = _literal(value) if value else True
+    with out.unlocked():
+      out[key] = parsed
+  return out
+
+
+def _literal(value: str) -> Any:
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def validate(config: Mapping[str, Any]) -> None:
+  """Fails on unknown top-level keys of a run config, listing the valid ones."""
+  unknown = sorted(set(config.keys()) - set(RUN_KEYS))
+  if unknown:
+    valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
+    raise ValueError(f"Unknown config key(s) {unknown}. Valid keys:\n{valid}")
+  data_keys = {"data", "pp", "batch_size", "worker_count", "eval_pp", "eval_batch_size"}
+  unknown_input = sorted(set(config.get("input", {}).keys()) - data_keys)
+  if unknown_input:
+    raise ValueError(f"Unknown config.input key(s) {unknown_input}; valid: {sorted(data_keys)}")

@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a run: periodic (keep N) and best-by-metric, strict restore.
+
+Layout in the workdir:
+  ckpt/<step>/state, ckpt/<step>/data   latest N train states + the data iterator state
+  best/<step>/state                     the params / model_state of the best evaluation
+"""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fm_adapt.adapt import masks
+
+
+def _metadata_tree(metadata: Any) -> Any:
+  return getattr(metadata, "tree", metadata)
+
+
+def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where: str) -> None:
+  """Raises a clear error when a saved tree and a target tree differ in keys or shapes."""
+  saved_flat = {k: tuple(v.shape) for k, v in masks.flatten(saved).items() if hasattr(v, "shape")}
+  target_flat = {k: tuple(v.shape) for k, v in masks.flatten(target).items()}
+  missing = sorted(set(target_flat) - set(saved_flat))
+  unexpected = sorted(set(saved_flat) - set(target_flat))
+  shapes = sorted(f"{k}: saved {saved_flat[k]} vs model {target_flat[k]}"
+                  for k in set(saved_flat) & set(target_flat) if saved_flat[k] != target_flat[k])
+  if missing or unexpected or shapes:
+    lines = [f"The checkpoint at {where} does not fit this run's model/config."]
+    if missing:
+      lines.append(f"  missing from the checkpoint ({len(missing)}): {missing[:20]}")
+    if unexpected:
+      lines.append(f"  in the checkpoint but not the model ({len(unexpected)}): {unexpected[:20]}")
+    if shapes:
+      lines.append(f"  shape differences ({len(shapes)}): {shapes[:20]}")
+    lines.append("  Use a fresh --workdir for a different model, or the config it was saved with.")
+    raise ValueError("\n".join(lines))
+
+
+class RunCheckpointer:
+  """Saves and restores a run's train state, data-iterator state and best parameters."""
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_metric: str | None = None,
+               best_mode: str = "max"):
+    workdir = pathlib.Path(workdir).absolute()
+    self._latest = ocp.CheckpointManager(
+        workdir / "ckpt", item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self._best = None
+    self.best_metric = best_metric
+    if best_metric:
+      self._best = ocp.CheckpointManager(
+          workdir / "best", item_names=("state",),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_mode=best_mode,
+              best_fn=lambda metrics: metrics[best_metric]))
+
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  def save(self, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
+    """Saves (asynchronously) the full train state and the data-iterator state."""
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+
+  def restore(self, abstract_state: Mapping[str, Any], step: int | None = None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores the latest (or given) step onto `abstract_state`'s shapes and shardings."""
+    step = self._latest.latest_step() if step is None else step
+    saved = _metadata_tree(self._latest.item_metadata(step)["state"])
+    check_compatible(saved, abstract_state, f"{self._latest.directory}/{step}")
+    out = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def save_best(self, step: int, weights: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    """Offers the weights of an evaluation; orbax keeps the best by `best_metric`."""
+    if self._best is not None:
+      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)),
+                      metrics={k: float(v) for k, v in metrics.items()})
+
+  def best_step(self) -> int | None:
+    if self._best is None:
+      return None
+    self._best.wait_until_finished()
+    return self._best.best_step()
+
+  def restore_best(self, abstract_weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Restores the best-by-metric weights onto `abstract_weights`."""
+    step = self.best_step()
+    if step is None:
+      raise FileNotFoundError("No best checkpoint was saved (no evaluation has run).")
+    saved = _metadata_tree(self._best.item_metadata(step)["state"])
+    check_compatible(saved, abstract_weights, f"{self._best.directory}/{step}")
+    out = self._best.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_weights)))
+    return out["state"]
+
+  def wait(self) -> None:
+    self._latest.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    if self._best is not None:
+      self._best.close()
+
+
+def abstract_of(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays, for restoring onto it."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,109 @@
+"""Device mesh, parameter sharding by regex, global batches, multi-host start-up.
+
+`config.mesh = [('data', -1), ('fsdp', 1)]`: axis names and sizes, -1 takes the remaining
+devices. The batch is sharded over all mesh axes; parameters are replicated or sharded over
+'fsdp' along their largest divisible dimension, by `config.sharding_rules` (big_vision idea).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fm_adapt.adapt import masks
+
+MESH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when the environment asks for it, and logs topology.
+
+  `jax.distributed.initialize()` is called when JAX_COORDINATOR_ADDRESS is set (or a cluster
+  environment such as SLURM / TPU pods that JAX detects is indicated by FM_ADAPT_MULTIHOST=1).
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("FM_ADAPT_MULTIHOST") == "1":
+    try:
+      jax.distributed.initialize()
+    except Exception as e:  # Name the likely cause: a missing or unreachable process.
+      raise RuntimeError(
+          "jax.distributed.initialize() failed: check that every process was started with the "
+          "same coordinator address and num_processes, and that none is missing. "
+          f"Original error: {e}") from e
+  logging.info("JAX topology: process %d of %d, %d local / %d global devices (%s)",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] | None = None) -> Mesh:
+  """Builds a mesh over all devices from [(name, size), ...]; one size may be -1."""
+  axes = list(axes or [("data", -1), ("fsdp", 1)])
+  names = [a for a, _ in axes]
+  unknown = sorted(set(names) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {unknown}; valid: {list(MESH_AXES)}")
+  sizes = [int(s) for _, s in axes]
+  count = jax.device_count()
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {axes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if count % known:
+    raise ValueError(f"Mesh {axes} does not divide the {count} devices.")
+  sizes = [count // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != count:
+    raise ValueError(f"Mesh {dict(zip(names, sizes))} needs {np.prod(sizes)} devices; have {count}.")
+  return jax.make_mesh(tuple(sizes), tuple(names), devices=jax.devices())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Shards the leading (batch) dimension over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  size = mesh.shape.get("fsdp", 1)
+  if size == 1:
+    return P()
+  for dim in np.argsort(shape)[::-1]:
+    if shape[dim] % size == 0 and shape[dim] >= size:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def param_shardings(shapes: Mapping[str, Any], mesh: Mesh,
+                    rules: Sequence[tuple[str, str]] | None = None) -> Any:
+  """NamedShardings for a tree of shapes (from `jax.eval_shape`) by (regex, strategy) rules.
+
+  Strategies: 'fsdp' (shard the largest dimension divisible by the fsdp size), 'replicate'.
+  The first matching rule wins; leaves matching no rule are replicated.
+  """
+  rules = list(rules or [(".*", "fsdp")])
+  for _, strategy in rules:
+    if strategy not in ("fsdp", "replicate"):
+      raise ValueError(f"Unknown sharding strategy {strategy!r}; valid: ['fsdp', 'replicate']")
+  flat = masks.flatten(shapes)
+  out = {}
+  for path, leaf in flat.items():
+    strategy = next((s for rx, s in rules if re.fullmatch(rx, path)), "replicate")
+    spec = _fsdp_spec(tuple(leaf.shape), mesh) if strategy == "fsdp" else P()
+    out[path] = NamedSharding(mesh, spec)
+  return masks.unflatten(out)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that places a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Builds one global batch from every process's local shard, sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

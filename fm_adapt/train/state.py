@@ -1,0 +1,55 @@
+"""Model functions and the sharded initialization of the train state."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fm_adapt.adapt import masks
+from fm_adapt.train import mesh as mesh_lib
+
+
+def make_apply_fn(model: nn.Module):
+  """Returns `apply(params, model_state, images, *, train, rng) -> (logits, out, model_state)`."""
+
+  def apply_fn(params, model_state, images, *, train: bool, rng: jax.Array | None):
+    variables = {"params": params, **model_state}
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    if train and model_state:
+      (logits, out), new_state = model.apply(variables, images, train=True, rngs=rngs,
+                                             mutable=list(model_state))
+      return logits, out, dict(new_state)
+    logits, out = model.apply(variables, images, train=train, rngs=rngs)
+    return logits, out, model_state
+
+  return apply_fn
+
+
+def init_variables_fn(model: nn.Module, image_shape: tuple[int, ...]):
+  """Returns `init(rng) -> {'params': ..., <collections>...}` for one example of `image_shape`."""
+
+  def init(rng: jax.Array) -> dict[str, Any]:
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": rng, "dropout": rng}, images, train=False)
+    return {k: v for k, v in variables.items()}
+
+  return init
+
+
+def split_variables(variables: Mapping[str, Any], trainable: Mapping[str, Any]
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Splits model variables into (trainable params, frozen params, model_state)."""
+  params, frozen = masks.split(variables["params"], trainable)
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return params, frozen, model_state
+
+
+def sharded_init(init_fn, rng: jax.Array, mesh: jax.sharding.Mesh,
+                 rules: Any = None) -> dict[str, Any]:
+  """Initializes variables directly in their sharded layout (`eval_shape`, then jit)."""
+  shapes = jax.eval_shape(init_fn, rng)
+  shardings = mesh_lib.param_shardings(shapes, mesh, rules)
+  return jax.jit(init_fn, out_shardings=shardings)(rng)

@@ -1,0 +1,32 @@
+"""fm_adapt: adapting vision foundation models to medical image analysis (JAX/Flax)."""
+import setuptools
+
+setuptools.setup(
+    name="fm_adapt",
+    version="0.1.0",
+    description="Adapt vision foundation models to medical images with JAX/Flax.",
+    packages=setuptools.find_packages(include=["fm_adapt", "fm_adapt.*", "data_pipelines", "data_pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "array_record>=0.8,<0.9",
+        "grain>=0.2.18,<0.3",
+        "ml_collections>=1.1,<2",
+        "clu>=0.0.12,<0.1",
+        "numpy>=2.0,<3",
+        "scikit-learn>=1.5,<2",
+        "matplotlib>=3.9,<4",
+        "safetensors>=0.4,<1",
+        "tqdm>=4.66,<5",
+        "absl-py>=2.1,<3",
+        "tensorboardX>=2.6,<3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "chex>=0.1.90,<0.2"],
+        "torch": ["torch>=2.4"],
+    },
+)

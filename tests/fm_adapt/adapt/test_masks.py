@@ -1,0 +1,40 @@
+"""Tests of parameter masks and tree splitting."""
+import numpy as np
+import pytest
+
+from fm_adapt.adapt import masks
+
+TREE = {"encoder": {"block_0": {"mlp": {"fc1": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}}}},
+        "head": {"kernel": np.ones((3, 2)), "bias": np.zeros(2)}}
+
+
+def test_make_mask_full_match():
+  mask = masks.flatten(masks.make_mask(TREE, "head/.*"))
+  assert mask == {"encoder/block_0/mlp/fc1/kernel": False, "encoder/block_0/mlp/fc1/bias": False,
+                  "head/kernel": True, "head/bias": True}
+  # 'head' alone does not fullmatch 'head/kernel': a selector that matches nothing is an error.
+  with pytest.raises(ValueError, match="match no parameter"):
+    masks.make_mask(TREE, "head")
+
+
+def test_split_merge_roundtrip():
+  selected, rest = masks.split(TREE, masks.make_mask(TREE, ".*bias"))
+  assert set(masks.flatten(selected)) == {"encoder/block_0/mlp/fc1/bias", "head/bias"}
+  merged = masks.flatten(masks.merge(selected, rest))
+  assert merged.keys() == masks.flatten(TREE).keys()
+  with pytest.raises(ValueError, match="more than one"):
+    masks.merge(selected, selected)
+
+
+def test_match_rules_lists_unmatched_paths():
+  with pytest.raises(ValueError, match=r"encoder/block_0/mlp/fc1/kernel"):
+    masks.match_rules(TREE, [("head/.*", 1), (".*bias", 2)])
+  with pytest.raises(ValueError, match=r"\['nothing/.*'\] match no parameter"):
+    masks.match_rules(TREE, [(".*", 1), ("nothing/.*", 2)])
+  assert masks.match_rules(TREE, [("head/.*", 0), (".*", 1)])["head/bias"] == 0
+
+
+def test_count_by_module():
+  selected, rest = masks.split(TREE, masks.make_mask(TREE, "head/.*"))
+  rows = masks.count_by_module(selected, rest)
+  assert rows == [("encoder", 0, 9), ("head", 8, 0), ("total", 8, 9)]
