@@ -1,0 +1,65 @@
+"""Pretrained-checkpoint importers, chosen by name.
+
+    from fm_adapt import weights
+    variables = weights.load('efficientnet_lite0', 'efficientnet-lite0-57934424.npz')
+    params = weights.load('timm', 'vit_s16.safetensors', target_params=init, dont_load=['head/.*'])
+    params = weights.load('vit_b16.npz', target_params=init)   # kind detected from the keys
+
+LOADERS maps a kind to a function `fn(path, **kwargs)`. The EfficientNet loader
+returns dict(params=..., batch_stats=...); the ViT loaders return params (see
+`vit_import.load_vit_checkpoint` for their keyword arguments).
+"""
+import functools
+import os
+import pathlib
+from typing import Any, Callable
+
+from fm_adapt.weights import efficientnet_lite
+from fm_adapt.weights import readers
+from fm_adapt.weights import vit_import
+
+PickleRefusedError = readers.PickleRefusedError
+CheckpointMismatchError = vit_import.CheckpointMismatchError
+load_efficientnet_lite0 = efficientnet_lite.load_efficientnet_lite0
+load_vit_checkpoint = vit_import.load_vit_checkpoint
+resample_posemb = vit_import.resample_posemb
+
+LOADERS: dict[str, Callable[..., Any]] = {
+    'efficientnet_lite0': efficientnet_lite.load_efficientnet_lite0,
+    'vit': vit_import.load_vit_checkpoint,  # layout detected from the keys
+    'big_vision': functools.partial(vit_import.load_vit_checkpoint, format='big_vision'),
+    'timm': functools.partial(vit_import.load_vit_checkpoint, format='timm'),
+    'hf': functools.partial(vit_import.load_vit_checkpoint, format='hf'),
+    'pth': functools.partial(vit_import.load_vit_checkpoint, format='pth'),
+}
+
+
+def load(kind_or_path: str | os.PathLike, path: str | os.PathLike | None = None,
+         /, **kwargs: Any) -> Any:
+  """Loads a checkpoint with the loader of a kind, or the kind its keys show.
+
+  Args:
+    kind_or_path: a key of LOADERS (then `path` is the file), or the file itself
+      (then the kind is 'efficientnet_lite0' for EfficientNet-PyTorch keys, else
+      'vit' with its layout detected from the keys).
+    path: the file, when the first argument is a kind.
+    **kwargs: passed to the loader.
+
+  Raises:
+    ValueError: an unknown kind, or a first argument that is neither a kind nor
+      a file (the message lists the kinds).
+  """
+  if isinstance(kind_or_path, str) and kind_or_path in LOADERS:
+    if path is None:
+      raise ValueError(f'load({kind_or_path!r}, path): the checkpoint path is missing.')
+    return LOADERS[kind_or_path](path, **kwargs)
+  if path is not None or not pathlib.Path(kind_or_path).is_file():
+    raise ValueError(f'{str(kind_or_path)!r} is neither a checkpoint kind (valid: '
+                     f'{sorted(LOADERS)}) nor an existing file.')
+  return LOADERS[detect_kind(kind_or_path)](kind_or_path, **kwargs)
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+  """'efficientnet_lite0' for EfficientNet-PyTorch key names, else 'vit'."""
+  keys = readers.list_keys(path)
+  return 'efficientnet_lite0' if '_conv_stem.weight' in keys else 'vit'

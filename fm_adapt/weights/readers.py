@@ -1,0 +1,156 @@
+"""Reads checkpoint files that users hand us into flat {name: numpy array} dicts.
+
+Checkpoints come from other people, so nothing here unpickles: `.npz` is read
+with `allow_pickle=False`, `.pth` with `torch.load(weights_only=True)` (torch is
+optional: `pip install fm_adapt[torch]`), `.safetensors` with safetensors. A file
+that needs pickle is refused with `PickleRefusedError`, which says what to
+convert it to.
+"""
+import os
+import pathlib
+import pickle
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+PathLike = str | os.PathLike
+
+NPZ_SUFFIXES = ('.npz',)
+SAFETENSORS_SUFFIXES = ('.safetensors',)
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+PICKLE_SUFFIXES = ('.pkl', '.pickle', '.joblib')
+SUPPORTED_SUFFIXES = NPZ_SUFFIXES + SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+
+_CONVERT_HINT = (
+    'Unpickling a file from elsewhere can run arbitrary code, so fm_adapt never '
+    'does it. Convert the checkpoint to .safetensors (safetensors.numpy.save_file '
+    'or safetensors.torch.save_file of the state dict) or to a plain numeric .npz '
+    '(numpy.savez of the arrays) on a machine you trust, and load that.')
+
+
+class PickleRefusedError(ValueError):
+  """A checkpoint needs pickle to load; it is refused."""
+
+
+def suffix(path: PathLike) -> str:
+  """The lower-cased file extension, e.g. '.npz'."""
+  return pathlib.Path(path).suffix.lower()
+
+
+def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
+  """Reads every array of a checkpoint file, keyed by its name in the file.
+
+  Args:
+    path: a `.npz`, `.safetensors`, or (with torch installed) `.pth`/`.pt`/`.bin`
+      file holding a flat dict of arrays (a state dict).
+
+  Raises:
+    PickleRefusedError: the file needs pickle (a `.pkl`, an object array, a
+      `.pth` holding Python objects).
+    ValueError: an unsupported extension.
+    FileNotFoundError: no such file.
+  """
+  path = pathlib.Path(path)
+  ext = suffix(path)
+  if ext in PICKLE_SUFFIXES:
+    raise PickleRefusedError(f'{path}: {ext} files are pickles. {_CONVERT_HINT}')
+  if ext not in SUPPORTED_SUFFIXES:
+    raise ValueError(f'{path}: unsupported checkpoint extension {ext!r}; '
+                     f'supported: {list(SUPPORTED_SUFFIXES)}.')
+  if not path.is_file():
+    raise FileNotFoundError(f'No checkpoint file at {path}.')
+  if ext in NPZ_SUFFIXES:
+    return _read_npz(path)
+  if ext in SAFETENSORS_SUFFIXES:
+    return safetensors.numpy.load_file(str(path))
+  return _read_torch(path)
+
+
+def list_keys(path: PathLike) -> list[str]:
+  """The array names in a checkpoint, reading no array data where the format allows."""
+  path = pathlib.Path(path)
+  ext = suffix(path)
+  if ext in NPZ_SUFFIXES and path.is_file():
+    with _open_npz(path) as npz:
+      return list(npz.files)
+  if ext in SAFETENSORS_SUFFIXES and path.is_file():
+    with safetensors.safe_open(str(path), framework='numpy') as f:
+      return list(f.keys())
+  return list(read_arrays(path))
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  with _open_npz(path) as npz:
+    try:
+      return {name: npz[name] for name in npz.files}
+    except ValueError as e:
+      _raise_if_pickle(e, path)
+      raise
+
+
+def _open_npz(path: pathlib.Path) -> Any:
+  """np.load without pickle, checked to be an archive of named arrays."""
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except ValueError as e:
+    _raise_if_pickle(e, path)
+    raise
+  if not hasattr(npz, 'files'):
+    raise ValueError(f'{path}: a single array, not an .npz archive of named arrays.')
+  return npz
+
+
+def _raise_if_pickle(error: ValueError, path: pathlib.Path) -> None:
+  if 'pickle' in str(error).lower():
+    raise PickleRefusedError(
+        f'{path}: holds pickled Python objects ({error}). {_CONVERT_HINT}') from None
+
+
+def _import_torch() -> Any:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        'Reading .pth/.pt/.bin checkpoints needs PyTorch, which fm_adapt does not '
+        'depend on. Install it (`pip install fm_adapt[torch]` or `pip install torch`), '
+        'or convert the file to .safetensors / .npz elsewhere.') from None
+  return torch
+
+
+def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+  torch = _import_torch()
+  try:
+    obj = torch.load(str(path), map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise PickleRefusedError(
+        f'{path}: holds Python objects beyond tensors, so it loads only with full '
+        f'pickle (torch.load weights_only=True said: {first_line}). '
+        f'{_CONVERT_HINT}') from None
+  state = _find_state_dict(obj, path, torch)
+  return {name: _tensor_to_numpy(tensor, torch) for name, tensor in state.items()}
+
+
+def _find_state_dict(obj: Any, path: pathlib.Path, torch: Any) -> dict[str, Any]:
+  """The flat name -> tensor dict, also when wrapped as {'state_dict': ...}."""
+  def is_state_dict(d: Any) -> bool:
+    return isinstance(d, dict) and d and all(
+        isinstance(v, torch.Tensor) for v in d.values())
+  if is_state_dict(obj):
+    return obj
+  for wrapper in ('state_dict', 'model', 'model_state_dict'):
+    if isinstance(obj, dict) and is_state_dict(obj.get(wrapper)):
+      return obj[wrapper]
+  raise ValueError(f'{path}: not a state dict of tensors (got {type(obj).__name__}'
+                   + (f' with keys {sorted(obj)[:10]}' if isinstance(obj, dict) else '')
+                   + ').')
+
+
+def _tensor_to_numpy(tensor: Any, torch: Any) -> np.ndarray:
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()

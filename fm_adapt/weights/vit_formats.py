@@ -1,0 +1,301 @@
+"""Name and layout rules from external ViT checkpoints to fm_adapt's ViT tree.
+
+Each converter takes the flat {key: array} dict of a checkpoint and returns a
+`Converted`: arrays under fm_adapt's '/'-joined parameter paths (see
+`fm_adapt.models.vit`), in Flax layout, plus the checkpoint keys no rule used.
+
+Layouts handled:
+  big_vision  .npz of google-research/big_vision or google-research/vision_transformer:
+              '/'-joined flax paths; attention kernels [D, H, dh] (out: [H, dh, D]);
+              block sub-modules LayerNorm_0 / MultiHeadDotProductAttention_{0|1} /
+              LayerNorm_{1|2} / MlpBlock_{0|3}; position embedding as 'pos_embedding'
+              [1, N, D] or 'Transformer/posembed_input/pos_embedding' [1, 1+N, D];
+              also scanned encoders ('Transformer/encoderblock/...' stacked on axis 0).
+  timm        state dict of timm's VisionTransformer: fused 'attn.qkv' [3D, D],
+              PyTorch layouts (Linear (out, in), Conv2d OIHW).
+  hf          state dict of transformers' ViTModel / ViTForImageClassification
+              (keys with or without the 'vit.' prefix).
+
+Our model gives the class token no position embedding; a checkpoint that has one
+([1, 1+N, D]) is folded exactly: cls = cls + pos[:, :1], pos_embedding = pos[:, 1:].
+"""
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import numpy as np
+
+CLS = 'cls'
+POSEMB = 'pos_embedding'
+
+
+@dataclasses.dataclass
+class Converted:
+  """A checkpoint in fm_adapt names.
+
+  Attributes:
+    params: '/'-joined fm_adapt path -> array in Flax layout.
+    sources: fm_adapt path -> the checkpoint key(s) and shape(s) it came from.
+    leftovers: checkpoint key -> shape, for keys that no rule used.
+  """
+  params: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  leftovers: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+  def put(self, path: str, value: np.ndarray, source: str) -> None:
+    """Stores one converted array; two keys mapping to one path is an error."""
+    if path in self.params:
+      raise ValueError(f'Checkpoint keys {self.sources[path]} and {source} both map '
+                       f'to {path}; the checkpoint mixes layouts.')
+    self.params[path] = value
+    self.sources[path] = source
+
+
+def torch_to_flax(value: np.ndarray) -> np.ndarray:
+  """PyTorch layout -> Flax: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out)."""
+  if value.ndim == 4:
+    return np.transpose(value, (2, 3, 1, 0))
+  if value.ndim == 2:
+    return value.T
+  return value
+
+
+def _describe(key: str, value: np.ndarray) -> str:
+  return f'{key!r} {tuple(value.shape)}'
+
+
+def _is_square(n: int) -> bool:
+  return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def has_posemb_prefix(length: int, num_patches: int | None) -> bool:
+  """Whether a position embedding of `length` rows starts with a class-token row.
+
+  Args:
+    length: rows of the checkpoint's position embedding.
+    num_patches: patch tokens of the target model, if known.
+  """
+  if num_patches is not None and length in (num_patches, num_patches + 1):
+    return length == num_patches + 1
+  return _is_square(length - 1) and not _is_square(length)
+
+
+def fold_cls_posemb(out: Converted, num_patches: int | None) -> None:
+  """Folds a class-token position row into `cls` (exactly equivalent)."""
+  if POSEMB not in out.params:
+    return
+  pos = out.params[POSEMB]
+  if pos.ndim != 3 or not has_posemb_prefix(pos.shape[1], num_patches):
+    return
+  if CLS not in out.params:
+    raise ValueError(
+        f'The position embedding {out.sources[POSEMB]} has a class-token row but the '
+        'checkpoint has no class token to fold it into.')
+  cls = out.params[CLS]
+  out.params[CLS] = (cls.astype(np.float32) + pos[:, :1].astype(np.float32)
+                     ).astype(cls.dtype)
+  out.params[POSEMB] = pos[:, 1:]
+  out.sources[CLS] += f' + row 0 of {out.sources[POSEMB]}'
+  out.sources[POSEMB] += ' rows 1:'
+
+
+def _convert_by_rules(arrays: dict[str, np.ndarray],
+                      rules: list[tuple[re.Pattern, Callable[..., list]]]
+                      ) -> Converted:
+  """Applies the first matching rule to each key; unmatched keys are leftovers.
+
+  A rule is (regex, fn); fn(value, *groups) returns [(path, array), ...].
+  """
+  out = Converted()
+  for key, value in arrays.items():
+    for pattern, fn in rules:
+      match = pattern.fullmatch(key)
+      if match:
+        for path, converted in fn(np.asarray(value), *match.groups()):
+          out.put(path, converted, _describe(key, value))
+        break
+    else:
+      out.leftovers[key] = tuple(np.shape(value))
+  return out
+
+
+def _rule(pattern: str, fn: Callable[..., list]) -> tuple[re.Pattern, Callable]:
+  return re.compile(pattern), fn
+
+
+def _torch_leaf(value: np.ndarray, kind: str) -> str:
+  """fm_adapt leaf name of a PyTorch 'weight'/'bias' of a Linear, Conv or LayerNorm."""
+  if kind == 'bias':
+    return 'bias'
+  return 'kernel' if value.ndim >= 2 else 'scale'
+
+
+def _to(path: str) -> Callable[..., list]:
+  """A rule that stores a PyTorch weight/bias under `path`/{kernel|scale|bias}.
+
+  `path` may use {0} for the first regex group (the block index); the last
+  group is 'weight' or 'bias'.
+  """
+  def fn(value, *groups):
+    prefix = path.format(*groups)
+    return [(f'{prefix}/{_torch_leaf(value, groups[-1])}', torch_to_flax(value))]
+  return fn
+
+
+def _as_is(path: str) -> Callable[..., list]:
+  return lambda value, *groups: [(path.format(*groups), value)]
+
+
+def _split_qkv(value: np.ndarray, index: str, kind: str) -> list:
+  """timm's fused qkv: weight [3D, D] or bias [3D] -> query, key, value."""
+  parts = np.split(value, 3, axis=0)
+  leaf = 'kernel' if kind == 'weight' else 'bias'
+  return [(f'encoder/block_{index}/attn/{name}/{leaf}', torch_to_flax(part))
+          for name, part in zip(('query', 'key', 'value'), parts)]
+
+
+_BLOCK = 'encoder/block_{0}'
+_TIMM_RULES = [
+    _rule(r'cls_token', _as_is(CLS)),
+    _rule(r'pos_embed', _as_is(POSEMB)),
+    _rule(r'patch_embed\.proj\.(weight|bias)', _to('embedding')),
+    _rule(r'blocks\.(\d+)\.norm1\.(weight|bias)', _to(_BLOCK + '/ln_attn')),
+    _rule(r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', _split_qkv),
+    _rule(r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', _to(_BLOCK + '/attn/out')),
+    _rule(r'blocks\.(\d+)\.norm2\.(weight|bias)', _to(_BLOCK + '/ln_mlp')),
+    _rule(r'blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)',
+          lambda v, i, fc, kind: _to(_BLOCK + f'/mlp/{fc}')(v, i, kind)),
+    _rule(r'norm\.(weight|bias)', _to('encoder/norm')),
+    _rule(r'head\.(weight|bias)', _to('head')),
+]
+
+_HF_LAYER = r'(?:vit\.)?encoder\.layer\.(\d+)\.'
+_HF_RULES = [
+    _rule(r'(?:vit\.)?embeddings\.cls_token', _as_is(CLS)),
+    _rule(r'(?:vit\.)?embeddings\.position_embeddings', _as_is(POSEMB)),
+    _rule(r'(?:vit\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)',
+          _to('embedding')),
+    _rule(_HF_LAYER + r'layernorm_before\.(weight|bias)', _to(_BLOCK + '/ln_attn')),
+    _rule(_HF_LAYER + r'attention\.attention\.(query|key|value)\.(weight|bias)',
+          lambda v, i, name, kind: _to(_BLOCK + f'/attn/{name}')(v, i, kind)),
+    _rule(_HF_LAYER + r'attention\.output\.dense\.(weight|bias)',
+          _to(_BLOCK + '/attn/out')),
+    _rule(_HF_LAYER + r'layernorm_after\.(weight|bias)', _to(_BLOCK + '/ln_mlp')),
+    _rule(_HF_LAYER + r'intermediate\.dense\.(weight|bias)', _to(_BLOCK + '/mlp/fc1')),
+    _rule(_HF_LAYER + r'output\.dense\.(weight|bias)', _to(_BLOCK + '/mlp/fc2')),
+    _rule(r'(?:vit\.)?layernorm\.(weight|bias)', _to('encoder/norm')),
+    _rule(r'classifier\.(weight|bias)', _to('head')),
+]
+
+
+def _bv_heads(value: np.ndarray, name: str, leaf: str) -> int | None:
+  """Heads in a big_vision attention array; None if it has no head axis."""
+  if name == 'out':
+    return value.shape[0] if leaf == 'kernel' and value.ndim == 3 else None
+  if leaf == 'kernel':
+    return value.shape[1] if value.ndim == 3 else None
+  return value.shape[0] if value.ndim == 2 else None
+
+
+def _bv_attention(num_heads: int | None) -> Callable[..., list]:
+  """big_vision attention: q/k/v kernel [D, H, dh] -> [D, D]; out [H, dh, D] -> [D, D]."""
+  def fn(value, index, name, leaf):
+    path = f'encoder/block_{index}/attn/{name}/{leaf}'
+    heads = _bv_heads(value, name, leaf)
+    if num_heads is not None and heads is not None and heads != num_heads:
+      raise ValueError(f'{path}: the checkpoint has {heads} heads (shape '
+                       f'{value.shape}), but num_heads={num_heads}.')
+    if leaf == 'bias':
+      return [(path, value.reshape(-1))]
+    if name == 'out':
+      return [(path, value.reshape(-1, value.shape[-1]))]
+    return [(path, value.reshape(value.shape[0], -1))]
+  return fn
+
+
+def _bv_rules(num_heads: int | None) -> list:
+  block = r'Transformer/encoderblock_(\d+)/'
+  return [
+      _rule(r'cls', _as_is(CLS)),
+      _rule(r'(?:Transformer/posembed_input/|Transformer/)?pos_embedding',
+            _as_is(POSEMB)),
+      _rule(r'embedding/(kernel|bias)', _as_is('embedding/{0}')),
+      _rule(block + r'LayerNorm_0/(scale|bias)', _as_is(_BLOCK + '/ln_attn/{1}')),
+      _rule(block + r'MultiHeadDotProductAttention_[01]/(query|key|value|out)/'
+            r'(kernel|bias)', _bv_attention(num_heads)),
+      _rule(block + r'LayerNorm_[12]/(scale|bias)', _as_is(_BLOCK + '/ln_mlp/{1}')),
+      _rule(block + r'MlpBlock_[03]/Dense_([01])/(kernel|bias)',
+            lambda v, i, dense, leaf: [
+                (f'encoder/block_{i}/mlp/fc{int(dense) + 1}/{leaf}', v)]),
+      _rule(r'Transformer/encoder_norm/(scale|bias)', _as_is('encoder/norm/{0}')),
+      _rule(r'head/(kernel|bias)', _as_is('head/{0}')),
+  ]
+
+
+def _unscan(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Splits a scanned encoder ('Transformer/encoderblock/...', depth on axis 0)."""
+  scanned = 'Transformer/encoderblock/'
+  out = {}
+  for key, value in arrays.items():
+    if key.startswith(scanned):
+      rest = key[len(scanned):]
+      for i, layer in enumerate(value):
+        out[f'Transformer/encoderblock_{i}/{rest}'] = layer
+    else:
+      out[key] = value
+  return out
+
+
+def _strip_params_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A whole saved train state ('params/...', 'opt/...') -> just its params."""
+  if not any(key.startswith('params/') for key in arrays):
+    return arrays
+  return {key[len('params/'):]: v for key, v in arrays.items()
+          if key.startswith('params/')}
+
+
+def from_big_vision(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
+                    num_patches: int | None = None) -> Converted:
+  """Converts a big_vision / vision_transformer .npz (see module docstring)."""
+  arrays = _unscan(_strip_params_prefix(arrays))
+  out = _convert_by_rules(arrays, _bv_rules(num_heads))
+  fold_cls_posemb(out, num_patches)
+  return out
+
+
+def from_timm(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
+              num_patches: int | None = None) -> Converted:
+  """Converts a timm VisionTransformer state dict (num_heads is not needed)."""
+  del num_heads
+  out = _convert_by_rules(arrays, _TIMM_RULES)
+  fold_cls_posemb(out, num_patches)
+  return out
+
+
+def from_hf(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
+            num_patches: int | None = None) -> Converted:
+  """Converts a Hugging Face ViTModel / ViTForImageClassification state dict."""
+  del num_heads
+  out = _convert_by_rules(arrays, _HF_RULES)
+  fold_cls_posemb(out, num_patches)
+  return out
+
+
+CONVERTERS: dict[str, Callable[..., Converted]] = {
+    'big_vision': from_big_vision,
+    'timm': from_timm,
+    'hf': from_hf,
+}
+
+
+def detect_layout(keys: list[str]) -> str | None:
+  """'big_vision', 'timm' or 'hf' from a checkpoint's key names; None if unknown."""
+  if any(k.startswith(('Transformer/', 'params/Transformer/')) or k == 'embedding/kernel'
+         for k in keys):
+    return 'big_vision'
+  if any('embeddings.patch_embeddings' in k or '.attention.attention.' in k for k in keys):
+    return 'hf'
+  if any(k.startswith(('patch_embed.', 'blocks.')) for k in keys):
+    return 'timm'
+  return None

@@ -1,0 +1,152 @@
+"""Fixtures for the weights tests: writers of external ViT checkpoint layouts.
+
+The `vit_writers` fixture gives the writers below (pytest runs with
+--import-mode=importlib, so tests take helpers from fixtures, not imports).
+They write an fm_adapt ViT tree in external checkpoint layouts.
+
+Each writer spells out the external layout on its own (names, transposes, head
+axes), independently of `fm_adapt.weights.vit_formats`, so a test that writes
+with these and imports with fm_adapt checks the two against each other. The
+external layouts follow timm's VisionTransformer, Hugging Face's
+ViTForImageClassification, big_vision's vit.py and vision_transformer's
+models_vit.py (old flax auto-names: MultiHeadDotProductAttention_1, LayerNorm_2,
+MlpBlock_3; class-token position row inside Transformer/posembed_input).
+"""
+import types
+
+import numpy as np
+import pytest
+
+
+def _depth(params: dict) -> int:
+  return len([k for k in params['encoder'] if k.startswith('block_')])
+
+
+def _cls_with_row(params: dict, cls_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(class token, posemb [1, 1+N, D]) whose fold is params' cls and pos_embedding."""
+  cls = np.asarray(params['cls']) - cls_row
+  pos = np.concatenate([cls_row, np.asarray(params['pos_embedding'])], axis=1)
+  return cls, pos
+
+
+def _linear(sd: dict, name: str, dense: dict) -> None:
+  """A PyTorch Linear: weight (out, in), bias (out,)."""
+  sd[f'{name}.weight'] = np.ascontiguousarray(np.asarray(dense['kernel']).T)
+  sd[f'{name}.bias'] = np.asarray(dense['bias'])
+
+
+def _layer_norm(sd: dict, name: str, ln: dict) -> None:
+  sd[f'{name}.weight'] = np.asarray(ln['scale'])
+  sd[f'{name}.bias'] = np.asarray(ln['bias'])
+
+
+def _patch_conv(sd: dict, name: str, embedding: dict) -> None:
+  """A PyTorch Conv2d: weight OIHW from the Flax HWIO kernel."""
+  sd[f'{name}.weight'] = np.ascontiguousarray(
+      np.asarray(embedding['kernel']).transpose(3, 2, 0, 1))
+  sd[f'{name}.bias'] = np.asarray(embedding['bias'])
+
+
+def to_timm(params: dict, cls_row: np.ndarray) -> dict[str, np.ndarray]:
+  """timm VisionTransformer state dict (fused qkv, class-token position row)."""
+  sd = {}
+  sd['cls_token'], sd['pos_embed'] = _cls_with_row(params, cls_row)
+  _patch_conv(sd, 'patch_embed.proj', params['embedding'])
+  for i in range(_depth(params)):
+    block, pre = params['encoder'][f'block_{i}'], f'blocks.{i}'
+    attn = block['attn']
+    _layer_norm(sd, f'{pre}.norm1', block['ln_attn'])
+    sd[f'{pre}.attn.qkv.weight'] = np.ascontiguousarray(np.concatenate(
+        [np.asarray(attn[n]['kernel']).T for n in ('query', 'key', 'value')], axis=0))
+    sd[f'{pre}.attn.qkv.bias'] = np.concatenate(
+        [np.asarray(attn[n]['bias']) for n in ('query', 'key', 'value')], axis=0)
+    _linear(sd, f'{pre}.attn.proj', attn['out'])
+    _layer_norm(sd, f'{pre}.norm2', block['ln_mlp'])
+    _linear(sd, f'{pre}.mlp.fc1', block['mlp']['fc1'])
+    _linear(sd, f'{pre}.mlp.fc2', block['mlp']['fc2'])
+  _layer_norm(sd, 'norm', params['encoder']['norm'])
+  _linear(sd, 'head', params['head'])
+  return sd
+
+
+def to_hf(params: dict, cls_row: np.ndarray) -> dict[str, np.ndarray]:
+  """transformers ViTForImageClassification state dict ('vit.' prefix)."""
+  sd = {}
+  sd['vit.embeddings.cls_token'], sd['vit.embeddings.position_embeddings'] = (
+      _cls_with_row(params, cls_row))
+  _patch_conv(sd, 'vit.embeddings.patch_embeddings.projection', params['embedding'])
+  for i in range(_depth(params)):
+    block, pre = params['encoder'][f'block_{i}'], f'vit.encoder.layer.{i}'
+    _layer_norm(sd, f'{pre}.layernorm_before', block['ln_attn'])
+    for name in ('query', 'key', 'value'):
+      _linear(sd, f'{pre}.attention.attention.{name}', block['attn'][name])
+    _linear(sd, f'{pre}.attention.output.dense', block['attn']['out'])
+    _layer_norm(sd, f'{pre}.layernorm_after', block['ln_mlp'])
+    _linear(sd, f'{pre}.intermediate.dense', block['mlp']['fc1'])
+    _linear(sd, f'{pre}.output.dense', block['mlp']['fc2'])
+  _layer_norm(sd, 'vit.layernorm', params['encoder']['norm'])
+  _linear(sd, 'classifier', params['head'])
+  return sd
+
+
+def _flax_attention(npz: dict, prefix: str, attn: dict, num_heads: int) -> None:
+  """flax MultiHeadDotProductAttention: q/k/v kernel [D, H, dh], out [H, dh, D]."""
+  for name in ('query', 'key', 'value'):
+    kernel = np.asarray(attn[name]['kernel'])
+    d = kernel.shape[0]
+    npz[f'{prefix}/{name}/kernel'] = kernel.reshape(d, num_heads, d // num_heads)
+    npz[f'{prefix}/{name}/bias'] = np.asarray(attn[name]['bias']).reshape(num_heads, -1)
+  out = np.asarray(attn['out']['kernel'])
+  npz[f'{prefix}/out/kernel'] = out.reshape(num_heads, -1, out.shape[-1])
+  npz[f'{prefix}/out/bias'] = np.asarray(attn['out']['bias'])
+
+
+def _flax_leaves(npz: dict, prefix: str, module: dict) -> None:
+  for leaf, value in module.items():
+    npz[f'{prefix}/{leaf}'] = np.asarray(value)
+
+
+def to_big_vision(params: dict, num_heads: int, *, old: bool = False,
+                  cls_row: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """'/'-joined .npz of big_vision (old=False) or vision_transformer (old=True)."""
+  mha, ln2, mlp = ('MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3') if old \
+      else ('MultiHeadDotProductAttention_0', 'LayerNorm_1', 'MlpBlock_0')
+  npz = {}
+  _flax_leaves(npz, 'embedding', params['embedding'])
+  if old:
+    npz['cls'], npz['Transformer/posembed_input/pos_embedding'] = _cls_with_row(
+        params, cls_row)
+  else:
+    npz['cls'] = np.asarray(params['cls'])
+    npz['pos_embedding'] = np.asarray(params['pos_embedding'])
+  for i in range(_depth(params)):
+    block, pre = params['encoder'][f'block_{i}'], f'Transformer/encoderblock_{i}'
+    _flax_leaves(npz, f'{pre}/LayerNorm_0', block['ln_attn'])
+    _flax_attention(npz, f'{pre}/{mha}', block['attn'], num_heads)
+    _flax_leaves(npz, f'{pre}/{ln2}', block['ln_mlp'])
+    _flax_leaves(npz, f'{pre}/{mlp}/Dense_0', block['mlp']['fc1'])
+    _flax_leaves(npz, f'{pre}/{mlp}/Dense_1', block['mlp']['fc2'])
+  _flax_leaves(npz, 'Transformer/encoder_norm', params['encoder']['norm'])
+  _flax_leaves(npz, 'head', params['head'])
+  return npz
+
+
+def scan_blocks(npz: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """big_vision scan=True layout: 'Transformer/encoderblock/...' stacked on axis 0."""
+  out, stacked = {}, {}
+  for key, value in npz.items():
+    if key.startswith('Transformer/encoderblock_'):
+      index, rest = key[len('Transformer/encoderblock_'):].split('/', 1)
+      stacked.setdefault(rest, {})[int(index)] = value
+    else:
+      out[key] = value
+  for rest, layers in stacked.items():
+    out[f'Transformer/encoderblock/{rest}'] = np.stack([layers[i] for i in sorted(layers)])
+  return out
+
+
+@pytest.fixture(scope='session')
+def vit_writers() -> types.SimpleNamespace:
+  """to_timm, to_hf, to_big_vision and scan_blocks."""
+  return types.SimpleNamespace(to_timm=to_timm, to_hf=to_hf, to_big_vision=to_big_vision,
+                               scan_blocks=scan_blocks)
