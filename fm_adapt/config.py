@@ -38,13 +38,51 @@ RUN_KEYS = {
     "checkpoint_every": "steps between checkpoints (0 = once per epoch).",
     "keep_ckpts": "how many periodic checkpoints to keep.",
     "best_metric": "evaluator metric that selects the best checkpoint, e.g. 'val/auc'.",
-    "test_eval": "evaluator run on the best checkpoint at the end (e.g. 'test'), or None.",
     "progress": "show a progress bar (True / False).",
     "data_dir": "data directory (else --data_dir, FM_ADAPT_DATA_DIR, the cache dir).",
     "dtype": "compute dtype: float32 | bfloat16.",
     "runlocal": "whether the experiment was shrunk to a smoke run (recorded, not used).",
     "description": "free text recorded with the results.",
 }
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """A run config holding every common key with its default, so any can be overridden.
+
+  Keys whose default is None are typed placeholders, so `--config.total_steps=100` works.
+  """
+  placeholder = ml_collections.config_dict.placeholder
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model_name = "vit"
+  config.model = ml_collections.ConfigDict()
+  config.model_init = placeholder(str)
+  config.model_load = ml_collections.ConfigDict()
+  config.adapt = ()
+  config.input = ml_collections.ConfigDict(dict(worker_count=0))
+  config.evals = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()
+  config.total_epochs = placeholder(float)
+  config.total_steps = placeholder(int)
+  config.optax_name = "adam"
+  config.optax = ml_collections.ConfigDict()
+  config.lr = 1e-3
+  config.wd = 0.0
+  config.grad_clip_norm = placeholder(float)
+  config.schedule = ml_collections.ConfigDict(dict(decay_type="constant"))
+  config.mesh = (("data", -1), ("fsdp", 1))
+  config.sharding_rules = ((".*", "fsdp"),)
+  config.log_every = 50
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  config.keep_ckpts = 2
+  config.best_metric = "val/auc"
+  config.progress = True
+  config.data_dir = placeholder(str)
+  config.dtype = "float32"
+  config.runlocal = False
+  config.description = ""
+  return config
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> ml_collections.ConfigDict:

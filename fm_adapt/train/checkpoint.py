@@ -58,6 +58,10 @@ class RunCheckpointer:
               max_to_keep=1, create=True, best_mode=best_mode,
               best_fn=lambda metrics: metrics[best_metric]))
 
+  @property
+  def directory(self) -> pathlib.Path:
+    return pathlib.Path(self._latest.directory)
+
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 

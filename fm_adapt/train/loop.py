@@ -4,8 +4,8 @@ Resume order: the workdir's own checkpoint, then `config.model_init` (pretrained
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import math
 import pathlib
 import time
@@ -99,7 +99,7 @@ def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer):
   step = ckpt.latest_step()
   if step is None:
     return state, None, 0
-  logging.info("Resuming from %s at step %d", "ckpt", step)
+  writer_lib.console(f"Resuming from {ckpt.directory}/{step}")
   restored, data_state = ckpt.restore(ckpt_lib.abstract_of(state), step)
   return restored, data_state, int(step)
 
@@ -109,7 +109,7 @@ def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None
   lines = ["| module | trainable | frozen |", "|---|---:|---:|"]
   lines += [f"| {m} | {t:,} | {f:,} |" for m, t, f in rows]
   table = "\n".join(lines)
-  logging.info("Parameters:\n%s", table)
+  writer_lib.console("Parameters:\n" + table)
   if jax.process_index() == 0:
     (workdir / "param_counts.md").write_text(table + "\n")
     _write_json(workdir / "param_counts.json",
@@ -179,7 +179,7 @@ def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
   writer.write(run.total_steps, {f"best/{k}": v for k, v in metrics.items()})
   return {
       "best_step": best_step, "total_steps": run.total_steps, "metrics": metrics,
-      "data": run.spec.describe() if hasattr(run.spec, "describe") else str(run.spec),
+      "data": dataclasses.asdict(run.spec),
       "model_name": config.model_name, "model": dict(config.get("model", {})),
       "seed": config.get("seed", 0),
       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(state["params"]))),

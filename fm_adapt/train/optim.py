@@ -63,13 +63,16 @@ def normalize_rules(schedule: Any) -> list[tuple[str, dict[str, Any] | None]]:
   """Turns `config.schedule` into a list of (regex, schedule dict or None) rules."""
   if schedule is None:
     schedule = {}
+  if hasattr(schedule, "to_dict"):  # ml_collections.ConfigDict is not a Mapping.
+    schedule = schedule.to_dict()
   if isinstance(schedule, Mapping):
     return [(".*", dict(schedule))]
   rules = []
   for rule in schedule:
     if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ValueError(f"Schedule rules are (regex, schedule_or_None) pairs, got {rule!r}")
-    rules.append((rule[0], None if rule[1] is None else dict(rule[1])))
+    sched = rule[1].to_dict() if hasattr(rule[1], "to_dict") else rule[1]
+    rules.append((rule[0], None if sched is None else dict(sched)))
   return rules
 
 

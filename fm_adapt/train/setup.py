@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from fm_adapt import models
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
-from fm_adapt.train import optim, state as state_lib, step as step_lib
+from fm_adapt.train import optim, state as state_lib, step as step_lib, writer as writer_lib
 
 EVALUATORS = {"classification": cls_eval.Evaluator}
 EVAL_KEYS = ("type", "split", "pp", "batch_size", "periodic")
@@ -114,8 +113,8 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
 
   predict_fn = step_lib.make_predict_fn(apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)
-  logging.info("Run: %d train examples, batch %d, %d steps/epoch, %d steps, mesh %s",
-               len(source), batch_size, steps_per_epoch, total_steps, dict(mesh.shape))
+  writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}, {steps_per_epoch} "
+                     f"steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch, total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,

@@ -6,11 +6,14 @@ the same event files without it.)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
+import sys
 from collections.abc import Mapping
 
 import jax
+import tqdm
 
 
 class MetricWriter:
@@ -58,3 +61,10 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def console(message: str) -> None:
+  """Prints a line for the person running the job (process 0 only; keeps progress bars intact)."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)

@@ -1,0 +1,47 @@
+"""Train and evaluate one config.
+
+  python -m fm_adapt.main --config experiments/quickstart.py:runlocal --workdir workdirs/qs \
+      [--config.lr=3e-4] [--data_dir DIR]
+
+An existing checkpoint in --workdir is resumed. Results go to <workdir>/results.json, metrics to
+<workdir>/metrics.jsonl and TensorBoard files to <workdir>/tb.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fm_adapt.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and argument.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created; resumed).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "Data directory (default: $FM_ADAPT_DATA_DIR, then the cache).")
+
+
+def format_results(results: dict) -> str:
+  """One human-readable results line."""
+  metrics = results["metrics"]
+  parts = [f"{k}={v:.4f}" for k, v in sorted(metrics.items())
+           if k.split("/")[-1] in ("acc", "auc")]
+  return (f"RESULT model={results['model_name']} best_step={results['best_step']} "
+          f"trainable={results['trainable_params']:,} " + " ".join(parts))
+
+
+def main(argv) -> None:
+  del argv
+  flags.mark_flags_as_required(["config", "workdir"])
+  if not flags.FLAGS["verbosity"].present:  # Quiet libraries by default; --verbosity=0 for INFO.
+    logging.set_verbosity(logging.WARNING)
+  start = time.perf_counter()
+  results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  logging.info("Results: %s", results)
+  print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

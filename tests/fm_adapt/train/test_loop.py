@@ -1,0 +1,133 @@
+"""End-to-end training tests on real PneumoniaMNIST images (the derived subset_b npz).
+
+One-step training through the CLI, a run killed mid-training that resumes to the same final
+parameters as an uninterrupted run, and the same losses on 8 simulated CPU devices as on 1.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+CONFIG = "experiments/quickstart.py:runlocal,data=subset_b"
+
+
+def _env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = str(REPO)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _main_cmd(workdir, *overrides, prelude: str = ""):
+  """A `python -m fm_adapt.main` command line, optionally run after a Python prelude."""
+  args = ["--config", CONFIG, "--workdir", str(workdir), "--config.progress=False", *overrides]
+  if not prelude:
+    return [sys.executable, "-m", "fm_adapt.main", *args]
+  script = prelude + textwrap.dedent(f"""
+      import sys
+      from absl import app
+      from fm_adapt import main
+      sys.argv = ['main'] + {args!r}
+      app.run(main.main)
+  """)
+  return [sys.executable, "-c", script]
+
+
+def _final_params(workdir: pathlib.Path, step: int) -> dict:
+  tree = ocp.StandardCheckpointer().restore(workdir / "ckpt" / str(step) / "state")
+  return {"params": tree["params"], "model_state": tree["model_state"], "opt": tree["opt"]}
+
+
+def test_one_step_train_and_evaluate(tmp_path, shared_data_dir):
+  out = subprocess.run(_main_cmd(tmp_path / "w", "--config.total_steps=1"), env=_env(),
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "RESULT model=vit" in out.stdout
+  results = json.loads((tmp_path / "w" / "results.json").read_text())
+  assert results["best_step"] == 1
+  assert results["metrics"]["test/num_examples"] == 624
+  assert results["metrics"]["val/num_examples"] == 524
+  assert 0.0 <= results["metrics"]["test/auc"] <= 1.0
+  rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/loss" in r for r in rows) and any("val/auc" in r for r in rows)
+  assert (tmp_path / "w" / "param_counts.md").exists()
+  assert list((tmp_path / "w" / "tb").iterdir())
+
+
+def test_killed_run_resumes_to_same_parameters(tmp_path, shared_data_dir):
+  steps = ["--config.total_steps=12", "--config.checkpoint_every=2", "--config.eval_every=6"]
+  reference = tmp_path / "reference"
+  out = subprocess.run(_main_cmd(reference, *steps), env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  # Slow each step down in the killed process only, so the kill lands mid-training.
+  slow = ("import time\nfrom fm_adapt.train import mesh\n_gb = mesh.global_batch\n"
+          "mesh.global_batch = lambda *a: (time.sleep(0.5), _gb(*a))[1]\n")
+  proc = subprocess.Popen(_main_cmd(killed, *steps, prelude=slow), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(p.name) for p in (killed / "ckpt").glob("[0-9]*")] if (killed / "ckpt").exists() else []
+    if done and max(done) >= 4:
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "results.json").exists()
+
+  out = subprocess.run(_main_cmd(killed, *steps), env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resuming" in out.stderr
+  want, got = _final_params(reference, 12), _final_params(killed, 12)
+  flat_want, flat_got = ocp.tree.to_flat_dict(want), ocp.tree.to_flat_dict(got)
+  assert flat_want.keys() == flat_got.keys()
+  for key in flat_want:
+    np.testing.assert_array_equal(flat_want[key], flat_got[key], err_msg=str(key))
+
+
+_LOSSES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from fm_adapt.train import loop, mesh, setup
+    from experiments import quickstart
+    config = quickstart.get_config("runlocal,data=subset_b")
+    config.mesh = MESH
+    run = setup.setup_run(config, None)
+    state = run.init_state()
+    update = loop.jit_update(run.update_fn, state, run.mesh)
+    it = iter(run.train_loader)
+    losses = []
+    for _ in range(3):
+      state, m = update(state, run.rng, mesh.global_batch(next(it), run.mesh))
+      losses.append(float(m["loss"]))
+    print("LOSSES", json.dumps(losses), jax.device_count())
+""")
+
+
+@pytest.mark.parametrize("devices,mesh", [(8, "[('data', 4), ('fsdp', 2)]")])
+def test_same_loss_on_8_devices_as_on_1(devices, mesh, shared_data_dir):
+  def losses(n, mesh_cfg):
+    out = subprocess.run([sys.executable, "-c", _LOSSES_SCRIPT.replace("MESH", mesh_cfg)],
+                         env=_env(n), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("LOSSES"))
+    assert line.endswith(str(n))
+    return json.loads(line.split(" ", 2)[1])
+
+  one = losses(1, "[('data', -1), ('fsdp', 1)]")
+  many = losses(devices, mesh)
+  np.testing.assert_allclose(many, one, rtol=2e-5)
