@@ -1,0 +1,218 @@
+"""ResNet-18/34/50 in Flax linen, laid out like torchvision's ResNet (v1.5).
+
+Parameter names (stages and blocks count from 0):
+
+  stem/conv/kernel, stem/bn/{scale,bias}
+  stage_{s}/block_{b}/{conv1,bn1,conv2,bn2}            BasicBlock (depth 18, 34)
+  stage_{s}/block_{b}/{conv1,bn1,conv2,bn2,conv3,bn3}  Bottleneck (depth 50), stride on conv2
+  stage_{s}/block_{b}/{proj_conv,proj_bn}              1x1 projection shortcut, when needed
+  head/{kernel,bias}                                    only when num_classes > 0
+
+Convolutions have no bias and use explicit symmetric padding k // 2, so the arithmetic matches
+PyTorch (and imported torchvision weights) also for stride 2. BatchNorm uses momentum 0.9 and
+epsilon 1e-5 (PyTorch's momentum=0.1 in the other convention) and keeps its running statistics
+in the 'batch_stats' collection: call `apply(..., train=True, mutable=['batch_stats'])` in
+training. Parameters are float32; `dtype` sets the compute dtype; logits are float32.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+STEMS = ('cifar', 'imagenet')
+# Conv init of torchvision: kaiming normal, fan_out, ReLU gain.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  """Bias-free conv with PyTorch-style symmetric padding."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 kernel_init=_CONV_INIT, name=name)
+
+
+def _norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+  """BatchNorm with torchvision's statistics (momentum 0.9 here, eps 1e-5)."""
+  scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, scale_init=scale_init, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual connection (ResNet-18/34).
+
+  Attributes:
+    features: output channels.
+    stride: stride of conv1 (and the projection).
+    zero_init_residual: initialize bn2's scale to zero so the block starts as identity.
+    dtype: compute dtype.
+  """
+  features: int
+  stride: int = 1
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Applies the block to x [B, H, W, C]."""
+    norm = functools.partial(_norm, train, self.dtype)
+    y = nn.relu(norm('bn1')(_conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)))
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = norm('bn2', zero_scale=self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, self.features, self.stride, norm, self.dtype))
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection (ResNet-50).
+
+  Attributes:
+    features: bottleneck channels; the block outputs 4 * features.
+    stride: stride of conv2 (torchvision v1.5) and of the projection.
+    zero_init_residual: initialize bn3's scale to zero so the block starts as identity.
+    dtype: compute dtype.
+  """
+  features: int
+  stride: int = 1
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Applies the block to x [B, H, W, C]."""
+    norm = functools.partial(_norm, train, self.dtype)
+    out_features = 4 * self.features
+    y = nn.relu(norm('bn1')(_conv(self.features, 1, 1, self.dtype, 'conv1')(x)))
+    y = nn.relu(norm('bn2')(_conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)))
+    y = _conv(out_features, 1, 1, self.dtype, 'conv3')(y)
+    y = norm('bn3', zero_scale=self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, out_features, self.stride, norm, self.dtype))
+
+
+def _shortcut(x: Array, features: int, stride: int, norm, dtype: Any) -> Array:
+  """Identity, or a 1x1 strided projection + BN when the shape changes.
+
+  Called from inside a block's compact `__call__`, so the submodules belong to that block.
+  """
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  return norm('proj_bn')(_conv(features, 1, stride, dtype, 'proj_conv')(x))
+
+
+# depth -> (block class, blocks per stage).
+DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, ...]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class Stem(nn.Module):
+  """conv + BN + ReLU (+ max-pool for the ImageNet stem).
+
+  Attributes:
+    kind: 'cifar' (3x3 stride 1, no pool) or 'imagenet' (7x7 stride 2, 3x3/2 max-pool).
+    width: output channels.
+    dtype: compute dtype.
+  """
+  kind: str
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Applies the stem to images x [B, H, W, C]."""
+    kernel, stride = (3, 1) if self.kind == 'cifar' else (7, 2)
+    x = _conv(self.width, kernel, stride, self.dtype, 'conv')(x)
+    x = nn.relu(_norm(train, self.dtype, 'bn')(x))
+    if self.kind == 'imagenet':
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+
+class Stage(nn.Module):
+  """A run of residual blocks named block_{b}; the first one may downsample.
+
+  Attributes:
+    block_cls: BasicBlock or Bottleneck.
+    num_blocks: number of blocks.
+    features: channels of the blocks (before the bottleneck expansion).
+    stride: stride of the first block.
+    zero_init_residual: see the block classes.
+    dtype: compute dtype.
+  """
+  block_cls: type[nn.Module]
+  num_blocks: int
+  features: int
+  stride: int
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Applies the blocks to x [B, H, W, C]."""
+    for b in range(self.num_blocks):
+      x = self.block_cls(features=self.features, stride=self.stride if b == 0 else 1,
+                         zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                         name=f'block_{b}')(x, train)
+    return x
+
+
+class Model(nn.Module):
+  """ResNet classifier (or feature extractor when num_classes is 0).
+
+  Attributes:
+    num_classes: size of the head; 0 gives no head (logits = pre_logits).
+    depth: 18, 34 or 50.
+    stem: 'cifar' (3x3 stride 1, no max-pool; the MedMNIST v2 ResNet for 28 px) or
+      'imagenet' (7x7 stride 2 + 3x3 stride-2 max-pool; for 224 px).
+    width: channels of the stem and the first stage; stage s has width * 2**s.
+    zero_init_residual: zero-init the last BN scale of every residual block.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN statistics stay float32.
+  """
+  num_classes: int
+  depth: int = 18
+  stem: str = 'cifar'
+  width: int = 64
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  def _check_config(self) -> None:
+    """Raises ValueError on an invalid depth or stem."""
+    if self.depth not in DEPTHS:
+      raise ValueError(f'Unknown ResNet depth {self.depth}; valid: {sorted(DEPTHS)}.')
+    if self.stem not in STEMS:
+      raise ValueError(f'Unknown ResNet stem {self.stem!r}; valid: {list(STEMS)}.')
+
+  @nn.compact
+  def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
+    """Runs the model.
+
+    Args:
+      image: float images [B, H, W, C].
+      train: use batch statistics and update the running ones (pass
+        mutable=['batch_stats'] to `apply`); otherwise use the running statistics.
+
+    Returns:
+      (logits, out) where out holds 'features' (the last feature map [B, h, w, F]),
+      'pre_logits' [B, F] (its spatial mean) and 'logits'.
+    """
+    self._check_config()
+    if image.ndim != 4:
+      raise ValueError(f'ResNet expects images [B, H, W, C], got shape {image.shape}.')
+    block_cls, stage_sizes = DEPTHS[self.depth]
+    x = Stem(self.stem, self.width, self.dtype, name='stem')(image, train)
+    for s, num_blocks in enumerate(stage_sizes):
+      x = Stage(block_cls, num_blocks, self.width * 2**s, stride=1 if s == 0 else 2,
+                zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                name=f'stage_{s}')(x, train)
+    out = {'features': x}
+    x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    logits = out['logits'] = x.astype(jnp.float32)
+    return logits, out
