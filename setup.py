@@ -20,6 +20,7 @@ setuptools.setup(
         "numpy>=2.0,<3",
         "scikit-learn>=1.5,<2",
         "matplotlib>=3.9,<4",
+        "pillow>=10,<13",
         "safetensors>=0.4,<1",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",

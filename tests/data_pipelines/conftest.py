@@ -1,0 +1,27 @@
+"""Fixtures of the data-pipeline tests: small real datasets built once per session in tmp dirs."""
+import pathlib
+
+import pytest
+
+from data_pipelines import datasets
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """One TFDS build directory for the session (datasets are built on first use only)."""
+  return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='session')
+def breast_train(shared_data_dir, tfds_dir):
+  """(source, spec) of the official BreastMNIST train split (546 examples, 28x28 grey)."""
+  cfg = dict(name='medmnist', flag='breastmnist', size=28, tfds_dir=str(tfds_dir))
+  return datasets.get_dataset(cfg, 'train', data_dir=shared_data_dir)
+
+
+@pytest.fixture()
+def no_proxy(monkeypatch):
+  """Keeps urllib away from any proxy for the local test server."""
+  for var in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv('no_proxy', '127.0.0.1,localhost')

@@ -1,0 +1,244 @@
+"""Tests of the bring-your-own-data builders: MedMNIST-layout .npz and image folders."""
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import custom
+from data_pipelines import tfds_base
+
+
+@pytest.fixture(scope='module')
+def subset_b(shared_data_dir):
+  return shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_b.npz'
+
+
+@pytest.fixture(scope='module')
+def breast(shared_data_dir):
+  """The arrays of the official BreastMNIST file."""
+  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
+    return {k: d[k] for k in d.files}
+
+
+def build_npz(path, tfds_dir, **kwargs):
+  builder = custom.CustomNpz(config=custom.npz_config(path, **kwargs), data_dir=tfds_dir)
+  tfds_base.prepare(builder)
+  return builder
+
+
+def split_sizes(builder):
+  return {name: split.num_examples for name, split in builder.info.splits.items()}
+
+
+def test_npz_builder_on_subset_b(subset_b, tfds_dir):
+  builder = build_npz(subset_b, tfds_dir)
+  assert split_sizes(builder) == {'train': 3882, 'val': 524, 'test': 624}
+  cfg = builder.builder_config
+  assert re.fullmatch(r'pneumoniamnist_subset_b_[0-9a-f]{10}', cfg.name)
+  assert cfg.num_classes == 2 and cfg.class_names == ('0', '1') and cfg.task == 'multiclass'
+  assert builder.info.metadata['official'] is False
+  source = builder.as_data_source('train')
+  with np.load(subset_b, allow_pickle=False) as d:
+    images, labels = d['train_images'], d['train_labels']
+  for i in (0, 1000, 3881):
+    np.testing.assert_array_equal(source[i]['image'][..., 0], images[i])
+    assert source[i]['label'] == labels[i, 0]
+
+
+def test_config_names_differ_by_file_and_options(shared_data_dir, subset_b):
+  subset_a = shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_a.npz'
+  names = {custom.npz_config(subset_b).name, custom.npz_config(subset_a).name,
+           custom.npz_config(subset_b, class_names=['normal', 'pneumonia']).name,
+           custom.npz_config(subset_b, task='ordinal').name}
+  assert len(names) == 4
+  assert custom.npz_config(subset_b).name == custom.npz_config(subset_b).name
+
+
+def test_same_stem_other_content_gets_another_name(tmp_path, breast):
+  first, second = tmp_path / 'a' / 'data.npz', tmp_path / 'b' / 'data.npz'
+  for path, n in ((first, 10), (second, 11)):
+    path.parent.mkdir()
+    np.savez(path, train_images=breast['train_images'][:n], train_labels=breast['train_labels'][:n])
+  assert custom.npz_config(first).name != custom.npz_config(second).name
+
+
+def test_train_only_rgb_and_class_names(tmp_path, shared_data_dir):
+  with np.load(shared_data_dir / 'medmnist' / 'retinamnist.npz', allow_pickle=False) as d:
+    images, labels = d['train_images'][:50], d['train_labels'][:50]
+  path = tmp_path / 'retina_small.npz'
+  np.savez_compressed(path, train_images=images, train_labels=labels[:, 0])
+  names = ['g0', 'g1', 'g2', 'g3', 'g4']
+  builder = build_npz(path, tmp_path / 'tfds', task='ordinal', class_names=names)
+  assert split_sizes(builder) == {'train': 50}
+  assert builder.info.metadata['class_names'] == names
+  example = builder.as_data_source('train')[3]
+  np.testing.assert_array_equal(example['image'], images[3])
+  assert example['label'] == labels[3, 0]
+
+
+def test_multilabel(tmp_path, breast):
+  labels = np.stack([breast['train_labels'][:40, 0], 1 - breast['train_labels'][:40, 0],
+                     np.zeros(40, np.uint8)], axis=1)
+  path = tmp_path / 'multi.npz'
+  np.savez(path, train_images=breast['train_images'][:40], train_labels=labels,
+           test_images=breast['test_images'][:8], test_labels=labels[:8])
+  builder = build_npz(path, tmp_path / 'tfds', task='multilabel')
+  assert builder.builder_config.num_classes == 3
+  example = builder.as_data_source('train')[7]
+  assert example['label'].shape == (3,)
+  np.testing.assert_array_equal(example['label'], labels[7])
+
+
+def test_volumes(tmp_path, shared_data_dir):
+  with np.load(shared_data_dir / 'medmnist' / 'adrenalmnist3d.npz', allow_pickle=False) as d:
+    images, labels = d['val_images'][:6], d['val_labels'][:6]
+  path = tmp_path / 'vol.npz'
+  np.savez(path, train_images=images, train_labels=labels)
+  builder = build_npz(path, tmp_path / 'tfds')
+  np.testing.assert_array_equal(builder.as_data_source('train')[2]['image'][..., 0], images[2])
+
+
+def save_npz(path, breast, **overrides):
+  arrays = {'train_images': breast['train_images'][:20],
+            'train_labels': breast['train_labels'][:20],
+            'val_images': breast['val_images'][:5], 'val_labels': breast['val_labels'][:5]}
+  arrays.update(overrides)
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return path
+
+
+@pytest.mark.parametrize('overrides, kwargs, message', [
+    ({'train_images': None, 'train_labels': None}, {},
+     'lacks train_images or train_labels; expected the MedMNIST layout: train_images, '
+     'train_labels, val_images, val_labels, test_images, test_labels'),
+    ({'val_labels': None}, {}, 'lacks val_images or val_labels'),
+    ({'extra': np.zeros(3)}, {}, r"unexpected arrays \['extra'\]"),
+    ({'train_images': np.zeros((20, 28, 28), np.float32)}, {}, 'expected uint8'),
+    ({'train_labels': np.zeros((19, 1), np.uint8)}, {}, 'has 20 examples but train_labels has 19'),
+    ({'val_images': np.zeros((5, 32, 32), np.uint8)}, {}, 'differ in shape across splits'),
+    ({'train_labels': np.zeros((20, 1), np.float32)}, {}, 'expected integers'),
+    ({'train_labels': np.full((20, 2), 2, np.uint8), 'val_labels': np.ones((5, 2), np.uint8)},
+     {'task': 'multilabel'}, 'multilabel labels must be 0 or 1'),
+    ({'train_labels': np.ones((20, 2), np.uint8)}, {'task': 'multilabel'},
+     r'must be \(N, L\) with the same L in every split'),
+    ({'train_labels': np.ones((20, 2), np.uint8)}, {}, r'must be \(N,\) or \(N, 1\)'),
+    ({}, {'task': 'regression'}, "Unknown task 'regression'"),
+    ({}, {'num_classes': 1}, 'labels need 2 classes but 1 were given'),
+    ({}, {'num_classes': 2, 'class_names': ['a', 'b', 'c']}, '3 class_names given for 2 classes'),
+    ({'train_images': np.zeros((20, 28, 28, 5, 2, 2), np.uint8), 'val_images': None,
+      'val_labels': None}, {}, 'not supported'),
+])
+def test_npz_errors(tmp_path, breast, overrides, kwargs, message):
+  path = save_npz(tmp_path / 'bad.npz', breast, **overrides)
+  with pytest.raises(ValueError, match=message):
+    custom.npz_config(path, **kwargs)
+
+
+def test_npz_refuses_pickled_arrays(tmp_path, breast):
+  path = save_npz(tmp_path / 'pickled.npz', breast,
+                  train_labels=np.array([{'label': 0}] * 20, dtype=object))
+  with pytest.raises(ValueError, match='pickle'):
+    custom.npz_config(path)
+
+
+def test_npz_not_a_zip(tmp_path):
+  path = tmp_path / 'x.npz'
+  path.write_bytes(b'not a zip')
+  with pytest.raises(ValueError, match='not an .npz archive'):
+    custom.npz_config(path)
+  with pytest.raises(FileNotFoundError):
+    custom.npz_config(tmp_path / 'missing.npz')
+
+
+def write_folder(root, breast, split_level=True, per_class=4):
+  """PNGs of real BreastMNIST images: <root>/[<split>/]<class>/<i>.png; returns what was written."""
+  written = {}
+  splits = ('train', 'test') if split_level else ('train',)
+  for split in splits:
+    images, labels = breast[f'{split}_images'], breast[f'{split}_labels'][:, 0]
+    for label, class_name in enumerate(('malignant', 'normal')):
+      folder = root / split / class_name if split_level else root / class_name
+      folder.mkdir(parents=True)
+      for i in np.flatnonzero(labels == label)[:per_class]:
+        Image.fromarray(images[i]).save(folder / f'{i:04d}.png')
+        written[(split, class_name, f'{i:04d}.png')] = images[i]
+  return written
+
+
+def test_image_folder_with_splits(tmp_path, breast):
+  written = write_folder(tmp_path / 'images', breast)
+  config = custom.image_folder_config(tmp_path / 'images', image_size=28, channels=1)
+  builder = custom.ImageFolder(config=config, data_dir=tmp_path / 'tfds')
+  tfds_base.prepare(builder)
+  assert split_sizes(builder) == {'train': 8, 'test': 8}
+  assert builder.info.metadata['class_names'] == ['malignant', 'normal']
+  source = builder.as_data_source('train')
+  for i, (relpath, label) in enumerate(config.files['train']):
+    _, class_name, name = relpath.split('/')
+    assert label == ['malignant', 'normal'].index(class_name)
+    assert source[i]['label'] == label
+    np.testing.assert_array_equal(source[i]['image'][..., 0], written[('train', class_name, name)])
+
+
+def test_image_folder_resizes_and_converts(tmp_path, breast):
+  written = write_folder(tmp_path / 'images', breast, per_class=2)
+  config = custom.image_folder_config(tmp_path / 'images', image_size=(32, 40), channels=3)
+  builder = custom.ImageFolder(config=config, data_dir=tmp_path / 'tfds')
+  tfds_base.prepare(builder)
+  image = builder.as_data_source('test')[0]['image']
+  assert image.shape == (32, 40, 3) and image.dtype == np.uint8
+  relpath = config.files['test'][0][0]
+  original = written[tuple(relpath.split('/'))]
+  want = np.asarray(Image.fromarray(original).resize((40, 32), Image.Resampling.BILINEAR))
+  for c in range(3):
+    np.testing.assert_array_equal(image[..., c], want)
+
+
+def test_image_folder_split_by_fractions(tmp_path, breast):
+  write_folder(tmp_path / 'images', breast, split_level=False, per_class=10)
+  fractions = {'train': 0.6, 'val': 0.2, 'test': 0.2}
+  config = custom.image_folder_config(tmp_path / 'images', 28, 1, fractions, seed=1)
+  assert {s: len(f) for s, f in config.files.items()} == {'train': 12, 'val': 4, 'test': 4}
+  for split, files in config.files.items():  # Stratified: each class split alike.
+    assert [label for _, label in files].count(0) == len(files) // 2
+  all_files = sorted(f for files in config.files.values() for f, _ in files)
+  assert len(all_files) == len(set(all_files)) == 20
+  again = custom.image_folder_config(tmp_path / 'images', 28, 1, fractions, seed=1)
+  other = custom.image_folder_config(tmp_path / 'images', 28, 1, fractions, seed=2)
+  assert again.files == config.files and again.name == config.name
+  assert other.files != config.files and other.name != config.name
+  builder = custom.ImageFolder(config=config, data_dir=tmp_path / 'tfds')
+  tfds_base.prepare(builder)
+  assert split_sizes(builder) == {'train': 12, 'val': 4, 'test': 4}
+
+
+@pytest.mark.parametrize('layout, kwargs, message', [
+    ('mixed', {}, 'mixes split folders'),
+    ('split', {'split_fractions': {'train': 1.0}}, 'already has split folders'),
+    ('flat', {'split_fractions': {'train': 0.5, 'val': 0.2}}, 'sum to 1'),
+    ('flat', {'split_fractions': {'training': 1.0}}, 'split_fractions must map'),
+    ('flat', {'channels': 4}, 'channels must be 1'),
+    ('flat', {'image_size': 0}, 'image_size must be'),
+    ('empty_class', {}, "Class folder 'empty' .* holds no"),
+    ('no_classes', {}, 'has no class folders'),
+])
+def test_image_folder_errors(tmp_path, breast, layout, kwargs, message):
+  root = tmp_path / 'images'
+  if layout in ('flat', 'empty_class'):
+    write_folder(root, breast, split_level=False, per_class=2)
+  elif layout in ('split', 'mixed'):
+    write_folder(root, breast, per_class=2)
+  else:
+    root.mkdir()
+  if layout == 'mixed':
+    (root / 'extra').mkdir()
+  if layout == 'empty_class':
+    (root / 'empty').mkdir()
+  with pytest.raises(ValueError, match=message):
+    custom.image_folder_config(root, **{'image_size': 28, **kwargs})
+
+
+def test_image_folder_missing_root(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    custom.image_folder_config(tmp_path / 'missing', 28)

@@ -1,0 +1,140 @@
+"""Tests of get_dataset: the data_cfg forms, specs, example format, build dirs and errors."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import data_dir as data_dir_lib
+from data_pipelines import datasets
+
+
+def test_medmnist_spec_and_examples(breast_train):
+  source, spec = breast_train
+  assert spec.name == 'medmnist/breastmnist_28'
+  assert spec.task == 'multiclass' and spec.num_classes == 2
+  assert spec.class_names == ('malignant', 'normal, benign')
+  assert spec.split_sizes == {'train': 546, 'val': 78, 'test': 156}
+  assert spec.image_shape == (28, 28, 1) and spec.license == 'CC BY 4.0' and spec.official
+  assert '28 px' in spec.variant and 'md5' in spec.variant
+  assert len(source) == 546
+  example = source[0]
+  assert set(example) == {'image', 'label'}
+  assert example['image'].dtype == np.uint8 and example['image'].shape == (28, 28, 1)
+  assert type(example['label']) is int
+
+
+def test_ordinal_rgb_medmnist(shared_data_dir, tfds_dir):
+  cfg = dict(name='medmnist', flag='retinamnist', tfds_dir=str(tfds_dir), split='train')
+  source, spec = datasets.get_dataset(cfg, 'test', data_dir=shared_data_dir)
+  assert spec.task == 'ordinal' and spec.num_classes == 5 and spec.image_shape == (28, 28, 3)
+  assert len(source) == 400  # The split argument wins over data_cfg['split'].
+
+
+def test_npz_relative_to_data_dir(shared_data_dir, tfds_dir, monkeypatch):
+  monkeypatch.setenv(data_dir_lib.ENV_VAR, str(shared_data_dir))
+  cfg = dict(name='npz', path='medmnist_derived/pneumoniamnist_subset_b.npz', task='multiclass',
+             class_names=None, tfds_dir=str(tfds_dir))
+  source, spec = datasets.get_dataset(cfg, 'val')
+  assert spec.split_sizes == {'train': 3882, 'val': 524, 'test': 624}
+  assert len(source) == 524 and not spec.official and 'not an official file' in spec.variant
+  assert spec.name.startswith('custom_npz/pneumoniamnist_subset_b_')
+
+
+def test_multilabel_examples(tmp_path, shared_data_dir):
+  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
+    images, labels = d['test_images'][:12], d['test_labels'][:12]
+  path = tmp_path / 'ml.npz'
+  np.savez(path, train_images=images, train_labels=np.concatenate([labels, 1 - labels], 1))
+  cfg = dict(name='npz', path=str(path), task='multilabel', class_names=['a', 'b'],
+             tfds_dir=str(tmp_path / 'tfds'))
+  source, spec = datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
+  assert spec.task == 'multilabel' and spec.class_names == ('a', 'b')
+  label = source[0]['label']
+  assert label.dtype == np.int64 and label.tolist() == [labels[0, 0], 1 - labels[0, 0]]
+
+
+def test_image_folder(tmp_path, shared_data_dir):
+  with np.load(shared_data_dir / 'medmnist' / 'retinamnist.npz', allow_pickle=False) as d:
+    images, labels = d['train_images'][:30], d['train_labels'][:30, 0]
+  for i, (image, label) in enumerate(zip(images, labels)):
+    folder = tmp_path / 'fundus' / f'grade{label}'
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f'{i}.jpg')
+  cfg = dict(name='image_folder', path='fundus', image_size=16, seed=3,
+             split_fractions={'train': 0.5, 'test': 0.5}, tfds_dir=str(tmp_path / 'tfds'))
+  source, spec = datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
+  assert spec.image_shape == (16, 16, 3) and spec.task == 'multiclass'
+  assert spec.class_names == tuple(f'grade{g}' for g in sorted(set(labels)))
+  assert sum(spec.split_sizes.values()) == 30 and set(spec.split_sizes) == {'train', 'test'}
+  assert source[0]['image'].shape == (16, 16, 3) and '16x16x3' in spec.variant
+
+
+def test_read_only_data_dir_falls_back_to_cache(tmp_path, shared_data_dir, monkeypatch):
+  read_only = tmp_path / 'shared'
+  (read_only / 'medmnist').mkdir(parents=True)
+  shutil.copy(shared_data_dir / 'medmnist' / 'breastmnist.npz', read_only / 'medmnist')
+  read_only.chmod(0o555)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  try:
+    _, spec = datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'test',
+                                   data_dir=read_only)
+  finally:
+    read_only.chmod(0o755)
+  assert not (read_only / 'tfds').exists()
+  assert (tmp_path / 'cache' / 'fm_adapt' / 'tfds' / 'medmnist' / 'breastmnist_28').is_dir()
+  assert spec.split_sizes['test'] == 156
+
+
+def test_shared_data_dir_is_left_untouched(shared_data_dir, tmp_path, monkeypatch):
+  if data_dir_lib.is_writable(shared_data_dir):
+    pytest.skip('The shared data directory is writable here.')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'val', data_dir=shared_data_dir)
+  assert not (shared_data_dir / 'tfds').exists()
+  assert (tmp_path / 'cache' / 'fm_adapt' / 'tfds' / 'medmnist').is_dir()
+
+
+def test_writable_data_dir_builds_inside(tmp_path, shared_data_dir):
+  (tmp_path / 'medmnist').mkdir()
+  shutil.copy(shared_data_dir / 'medmnist' / 'breastmnist.npz', tmp_path / 'medmnist')
+  datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'val', data_dir=tmp_path)
+  assert (tmp_path / 'tfds' / 'medmnist' / 'breastmnist_28' / '1.0.0').is_dir()
+
+
+@pytest.mark.parametrize('cfg, message', [
+    (dict(name='cifar10'),
+     r"Unknown dataset name 'cifar10'.*\['image_folder', 'medmnist', 'npz'\]"),
+    (dict(flag='breastmnist'), 'Unknown dataset name None'),
+    (dict(name='medmnist', flag='breastmnist', resolution=28),
+     r"unknown keys \['resolution'\].*valid keys: name, flag, size"),
+    (dict(name='medmnist'), r"missing keys \['flag'\]"),
+    (dict(name='npz', file='x.npz'), r"unknown keys \['file'\], missing keys \['path'\]"),
+    (dict(name='image_folder', path='x'), r"missing keys \['image_size'\]"),
+    (dict(name='medmnist', flag='breastmnist', size=32), 'released at sizes'),
+    (dict(name='medmnist', flag='mnist'), 'Unknown MedMNIST flag'),
+])
+def test_bad_configs(cfg, message, shared_data_dir):
+  with pytest.raises(ValueError, match=message):
+    datasets.get_dataset(cfg, 'train', data_dir=shared_data_dir)
+
+
+def test_unknown_split(shared_data_dir, tfds_dir):
+  cfg = dict(name='medmnist', flag='breastmnist', tfds_dir=str(tfds_dir))
+  with pytest.raises(ValueError, match=r"Unknown split 'validation'.*\['train', 'val', 'test'\]"):
+    datasets.get_dataset(cfg, 'validation', data_dir=shared_data_dir)
+  source, _ = datasets.get_dataset(cfg, 'train[:10]', data_dir=shared_data_dir)
+  assert len(source) == 10
+
+
+def test_missing_data_dir_for_relative_path(tmp_path, monkeypatch):
+  monkeypatch.delenv(data_dir_lib.ENV_VAR, raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  with pytest.raises(FileNotFoundError, match=data_dir_lib.ENV_VAR):
+    datasets.get_dataset(dict(name='npz', path='some/file.npz'), 'train')
+
+
+def test_missing_npz(shared_data_dir):
+  with pytest.raises(FileNotFoundError, match='nothing_here.npz'):
+    datasets.get_dataset(dict(name='npz', path='nothing_here.npz'), 'train',
+                         data_dir=shared_data_dir)
