@@ -20,10 +20,22 @@ def _metadata_tree(metadata: Any) -> Any:
   return getattr(metadata, "tree", metadata)
 
 
+WEIGHT_KEYS = ("params", "model_state")
+
+
+def _weight_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape for the weight subtrees (plain nested dicts) of a state."""
+  weights = {k: tree[k] for k in WEIGHT_KEYS if k in tree and tree[k] is not None}
+  return {k: tuple(v.shape) for k, v in masks.flatten(weights).items() if hasattr(v, "shape")}
+
+
 def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where: str) -> None:
-  """Raises a clear error when a saved tree and a target tree differ in keys or shapes."""
-  saved_flat = {k: tuple(v.shape) for k, v in masks.flatten(saved).items() if hasattr(v, "shape")}
-  target_flat = {k: tuple(v.shape) for k, v in masks.flatten(target).items()}
+  """Raises a clear error when saved and target weights differ in keys or shapes.
+
+  The weight subtrees (params, model_state) are compared path by path; the optimizer state
+  follows the params, and orbax checks its shapes on restore.
+  """
+  saved_flat, target_flat = _weight_shapes(saved), _weight_shapes(target)
   missing = sorted(set(target_flat) - set(saved_flat))
   unexpected = sorted(set(saved_flat) - set(target_flat))
   shapes = sorted(f"{k}: saved {saved_flat[k]} vs model {target_flat[k]}"
@@ -47,13 +59,15 @@ class RunCheckpointer:
                best_mode: str = "max"):
     workdir = pathlib.Path(workdir).absolute()
     self._latest = ocp.CheckpointManager(
-        workdir / "ckpt", item_names=("state", "data"),
+        workdir / "ckpt",
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._best = None
     self.best_metric = best_metric
     if best_metric:
       self._best = ocp.CheckpointManager(
-          workdir / "best", item_names=("state",),
+          workdir / "best", item_handlers={"state": ocp.StandardCheckpointHandler()},
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_mode=best_mode,
               best_fn=lambda metrics: metrics[best_metric]))

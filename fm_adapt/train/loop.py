@@ -33,9 +33,19 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def _iterator_state(iterator: Any) -> dict[str, str]:
+def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
+  """What a checkpoint holds: everything but the frozen parameters.
+
+  Frozen parameters are rebuilt by `init_state` from the seed and the base checkpoint (whose
+  sha256 is stored beside), so an adapted run's checkpoint is not a second copy of its base.
+  """
+  return {k: v for k, v in state.items() if k != "frozen"}
+
+
+def _data_state(iterator: Any, run: setup_lib.Run) -> dict[str, Any]:
   state = iterator.get_state()
-  return {"iterator": state.decode() if isinstance(state, bytes) else json.dumps(state)}
+  return {"iterator": state.decode() if isinstance(state, bytes) else json.dumps(state),
+          "base_checkpoint": run.base_checkpoint}
 
 
 def _set_iterator_state(iterator: Any, saved: Mapping[str, str]) -> None:
@@ -100,8 +110,18 @@ def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer):
   if step is None:
     return state, None, 0
   writer_lib.console(f"Resuming from {ckpt.directory}/{step}")
-  restored, data_state = ckpt.restore(ckpt_lib.abstract_of(state), step)
-  return restored, data_state, int(step)
+  restored, data_state = ckpt.restore(ckpt_lib.abstract_of(_saved(state)), step)
+  _check_same_base(data_state.get("base_checkpoint"), run.base_checkpoint)
+  return dict(restored, frozen=state["frozen"]), data_state, int(step)
+
+
+def _check_same_base(saved: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
+  saved_sha = (saved or {}).get("sha256")
+  current_sha = (current or {}).get("sha256")
+  if saved_sha != current_sha:
+    raise ValueError(
+        f"This workdir was trained from base checkpoint {saved} but the config now starts from "
+        f"{current}: the adapted weights only fit their own base. Use a fresh --workdir.")
 
 
 def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None:
@@ -159,7 +179,7 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
       bar.write(f"step {step}: " + ", ".join(
           f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/auc", "/acc"))))
     if step % ckpt_every == 0 or step == total:
-      ckpt.save(step, state, _iterator_state(iterator))
+      ckpt.save(step, _saved(state), _data_state(iterator, run))
   writer.flush()
   bar.close()
   run.final_state = state
@@ -169,7 +189,9 @@ def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
   """Evaluates the best checkpoint (by `best_metric`) on every evaluator, test included."""
   state = getattr(run, "final_state", None)
   if state is None:  # The run had already finished: reload its last state.
-    state, _ = ckpt.restore(ckpt_lib.abstract_of(run.init_state()))
+    fresh = run.init_state()
+    restored, _ = ckpt.restore(ckpt_lib.abstract_of(_saved(fresh)))
+    state = dict(restored, frozen=fresh["frozen"])
   best_step = ckpt.best_step()
   if best_step is not None:
     abstract = ckpt_lib.abstract_of({"params": state["params"], "model_state": state["model_state"]})
@@ -181,7 +203,7 @@ def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
       "best_step": best_step, "total_steps": run.total_steps, "metrics": metrics,
       "data": dataclasses.asdict(run.spec),
       "model_name": config.model_name, "model": dict(config.get("model", {})),
-      "seed": config.get("seed", 0),
+      "seed": config.get("seed", 0), "base_checkpoint": run.base_checkpoint,
       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(state["params"]))),
       "total_params": int(sum(np.size(x) for x in jax.tree.leaves(
           (state["params"], state["frozen"])))),

@@ -57,7 +57,10 @@ def make_mesh(axes: Sequence[tuple[str, int]] | None = None) -> Mesh:
   sizes = [count // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != count:
     raise ValueError(f"Mesh {dict(zip(names, sizes))} needs {np.prod(sizes)} devices; have {count}.")
-  return jax.make_mesh(tuple(sizes), tuple(names), devices=jax.devices())
+  # Auto axes: shardings propagate through jit (GSPMD); parameters and batches are placed
+  # explicitly by `param_shardings` / `batch_sharding`.
+  return jax.make_mesh(tuple(sizes), tuple(names), devices=jax.devices(),
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -95,6 +98,16 @@ def param_shardings(shapes: Mapping[str, Any], mesh: Mesh,
     spec = _fsdp_spec(tuple(leaf.shape), mesh) if strategy == "fsdp" else P()
     out[path] = NamedSharding(mesh, spec)
   return masks.unflatten(out)
+
+
+def optimizer_shardings(opt_shapes: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+  """Shardings for an optimizer state: moments follow the fsdp layout of their shape.
+
+  A moment has its parameter's shape, and `_fsdp_spec` depends on the shape alone, so moments
+  are laid out like their parameters; scalars (counts) are replicated.
+  """
+  spec = (lambda leaf: _fsdp_spec(tuple(leaf.shape), mesh)) if fsdp else (lambda leaf: P())
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, spec(leaf)), opt_shapes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -96,7 +96,8 @@ def _base_transform(name: str, kwargs: Mapping[str, Any]) -> optax.GradientTrans
   return makers[name](**dict(kwargs))
 
 
-def make_optimizer(config: Any, trainable_params: Mapping[str, Any], total_steps: int
+def make_optimizer(config: Any, trainable_params: Mapping[str, Any], total_steps: int,
+                   schedule: Any = None
                    ) -> tuple[optax.GradientTransformation, dict[int, optax.Schedule]]:
   """Builds the optimizer for the trainable tree only.
 
@@ -105,11 +106,12 @@ def make_optimizer(config: Any, trainable_params: Mapping[str, Any], total_steps
       `schedule`.
     trainable_params: the trainable subtree (frozen leaves already removed).
     total_steps: total number of training steps (schedules are fractions of it).
+    schedule: the schedule rules to use instead of `config.schedule` (e.g. adaptation's).
 
   Returns:
     (optimizer, {group index: schedule}) — schedules are returned for logging.
   """
-  rules = normalize_rules(config.get("schedule"))
+  rules = normalize_rules(config.get("schedule") if schedule is None else schedule)
   assignment = masks.match_rules(trainable_params, rules, what="schedule rule",
                                  require_used=False)
   if any(rules[i][1] is None for i in assignment.values()):

@@ -14,9 +14,11 @@ from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
 from fm_adapt import models
+from fm_adapt.adapt import compose, masks
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
+from fm_adapt.train import pretrained
 from fm_adapt.train import optim, state as state_lib, step as step_lib, writer as writer_lib
 
 EVALUATORS = {"classification": cls_eval.Evaluator}
@@ -37,7 +39,52 @@ class Run:
   update_fn: Callable[..., Any]
   evaluators: dict[str, cls_eval.Evaluator]
   periodic_evals: list[str]
+  base_checkpoint: dict[str, str] | None = None
   final_state: Any = None
+
+
+@dataclasses.dataclass
+class ModelFns:
+  """A model's init / apply functions after adaptation, and its pretrained loading."""
+  init_fn: Callable[[jax.Array], dict[str, Any]]
+  apply_fn: Callable[..., Any]
+  adaptation: Any = None
+  load: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  base: dict[str, str] | None = None
+
+
+def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
+                ) -> ModelFns:
+  """The model of a config, adapted by `config.adapt`, loading `config.model_init`."""
+  model_kwargs = dict(config.get("model", {}))
+  adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
+  adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
+                if adapt_cfgs else None)
+  kwargs = adaptation.model_kwargs if adaptation else model_kwargs
+  model = models.get_model(config.model_name, num_classes=spec.num_classes, **kwargs)
+  apply_fn = state_lib.make_apply_fn(model)
+  model_init = state_lib.init_variables_fn(model, image_shape)
+  init_fn = model_init
+  if adaptation is not None:
+    apply_fn = adaptation.wrap_apply(apply_fn)
+
+    def init_fn(rng):
+      variables = model_init(rng)
+      extra_rng = jax.random.fold_in(rng, 1)
+      return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
+
+  if not config.get("model_init"):
+    return ModelFns(init_fn, apply_fn, adaptation)
+  path = pretrained.resolve_path(config.model_init)
+  base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
+  base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
+  base_paths = set(masks.flatten(jax.eval_shape(
+      state_lib.init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
+  extras = [p for p in masks.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
+            if p not in base_paths]
+  load_cfg = dict(config.get("model_load") or {})
+  load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)
+  return ModelFns(init_fn, apply_fn, adaptation, load, base)
 
 
 def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
@@ -91,31 +138,37 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   train_loader = loader.make_loader(
       source, pp=config.input.pp, batch_size=batch_size, seed=seed, shuffle=True,
       num_epochs=None, worker_count=config.input.get("worker_count", 0))
-  model = models.get_model(config.model_name, num_classes=spec.num_classes,
-                           **dict(config.get("model", {})))
-  apply_fn = state_lib.make_apply_fn(model)
+  model_fns = build_model(config, spec, _image_shape(source, config.input.pp))
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
-  init_fn = state_lib.init_variables_fn(model, _image_shape(source, config.input.pp))
-  variables_shape = jax.eval_shape(init_fn, init_rng)
-  trainable = optim.trainable_mask(variables_shape["params"], config.get("schedule"))
+  variables_shape = jax.eval_shape(model_fns.init_fn, init_rng)
+  schedule = config.get("schedule")
+  if model_fns.adaptation is not None:
+    schedule = compose.schedule_for(model_fns.adaptation, schedule)
+  trainable = optim.trainable_mask(variables_shape["params"], schedule)
   params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
-  tx, schedules = optim.make_optimizer(config, params_shape, total_steps)
+  tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
   loss_fn = objectives.get_loss(config.get("loss"), spec.task)
-  update = step_lib.make_update_fn(apply_fn, loss_fn, tx, schedules[min(schedules)])
+  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
   rules = config.get("sharding_rules")
 
   def init_state() -> dict[str, Any]:
-    variables = state_lib.sharded_init(init_fn, init_rng, mesh, rules)
+    variables = state_lib.sharded_init(model_fns.init_fn, init_rng, mesh, rules)
+    if model_fns.load is not None:
+      shardings = jax.tree.map(lambda x: x.sharding, variables)
+      variables = jax.device_put(model_fns.load(jax.device_get(variables)), shardings)
     params, frozen, model_state = state_lib.split_variables(variables, trainable)
-    opt = jax.jit(tx.init)(params)
+    fsdp = any(strategy == "fsdp" for _, strategy in (rules or [(".*", "fsdp")]))
+    opt_shardings = mesh_lib.optimizer_shardings(jax.eval_shape(tx.init, params), mesh, fsdp)
+    opt = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
     return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
-            "step": jnp.zeros((), jnp.int32)}
+            "step": step}
 
-  predict_fn = step_lib.make_predict_fn(apply_fn, spec.task)
+  predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)
   writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}, {steps_per_epoch} "
                      f"steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch, total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,
-             evaluators=evaluators, periodic_evals=periodic)
+             evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base)

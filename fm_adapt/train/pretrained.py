@@ -1,0 +1,106 @@
+"""Start a run from a pretrained checkpoint: resolve, hash, load and overlay onto the init.
+
+`config.model_init` names the file (a path, or a path relative to $FM_ADAPT_WEIGHTS_DIR);
+`config.model_load = dict(kind=..., dont_load=[regex, ...])` picks the importer
+(`fm_adapt.weights.LOADERS`, detected from the keys when absent) and the parameters that keep
+their fresh initialization (e.g. a new head). Parameters that adaptation transforms add (LoRA
+factors, prompts, adapters) are not in the checkpoint and keep their initialization too.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fm_adapt import weights
+from fm_adapt.adapt import masks
+
+LOAD_KEYS = ("kind", "dont_load")
+
+
+def resolve_path(model_init: str) -> pathlib.Path:
+  """The checkpoint file: as given, else under $FM_ADAPT_WEIGHTS_DIR."""
+  path = pathlib.Path(model_init).expanduser()
+  if path.is_file():
+    return path.absolute()
+  base = os.environ.get("FM_ADAPT_WEIGHTS_DIR")
+  if base and (pathlib.Path(base) / model_init).is_file():
+    return (pathlib.Path(base) / model_init).absolute()
+  raise FileNotFoundError(
+      f"config.model_init={model_init!r} is not a file (looked as given"
+      f"{' and under FM_ADAPT_WEIGHTS_DIR=' + base if base else ''}). Give a path, or set "
+      "FM_ADAPT_WEIGHTS_DIR to the folder holding it.")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+  """SHA-256 of a file, the id of a base checkpoint recorded with adapted runs."""
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _loaded_variables(path: pathlib.Path, kind: str | None, dont_load: Sequence[str],
+                      base_params: Mapping[str, Any]) -> dict[str, Any]:
+  kind = kind or weights.detect_kind(path)
+  if kind not in weights.LOADERS:
+    raise ValueError(f"Unknown model_load.kind {kind!r}; valid: {sorted(weights.LOADERS)}")
+  if kind == "efficientnet_lite0":
+    return weights.load(kind, path)
+  return {"params": weights.load(kind, path, target_params=base_params, dont_load=list(dont_load))}
+
+
+def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[str],
+            where: str) -> dict[str, Any]:
+  """Takes every leaf of `init` from `loaded`, except paths matching a `keep` regex.
+
+  Raises:
+    ValueError: listing leaves missing from `loaded`, leaves of `loaded` the model lacks, and
+      shape differences (path and both shapes).
+  """
+  flat_init, flat_loaded = masks.flatten(init), masks.flatten(loaded)
+  kept = {p for p in flat_init if any(re.fullmatch(rx, p) for rx in keep)}
+  missing = sorted(set(flat_init) - set(flat_loaded) - kept)
+  unexpected = sorted(p for p in set(flat_loaded) - set(flat_init)
+                      if not any(re.fullmatch(rx, p) for rx in keep))
+  shapes = sorted(f"{p}: checkpoint {np.shape(flat_loaded[p])} vs model {np.shape(flat_init[p])}"
+                  for p in set(flat_init) & set(flat_loaded) - kept
+                  if np.shape(flat_loaded[p]) != np.shape(flat_init[p]))
+  if missing or unexpected or shapes:
+    raise ValueError(
+        f"The pretrained checkpoint {where} does not fit the model. Missing: {missing[:20]}; "
+        f"unexpected: {unexpected[:20]}; shape differences: {shapes[:20]}. Use "
+        "config.model_load.dont_load=['head/.*'] for a new head, or the matching model variant.")
+  out = {p: (flat_init[p] if p in kept else np.asarray(flat_loaded[p], flat_init[p].dtype))
+         for p in flat_init}
+  return masks.unflatten(out)
+
+
+def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
+                    load_cfg: Mapping[str, Any], extra_paths: Sequence[str]) -> dict[str, Any]:
+  """Overlays a pretrained checkpoint onto freshly initialized host variables.
+
+  Args:
+    variables: the initialized variables ({'params': ..., maybe 'batch_stats': ...}), numpy.
+    path: the checkpoint file.
+    load_cfg: dict(kind=..., dont_load=[...]).
+    extra_paths: '/'-joined params paths added by adaptation transforms (kept as initialized).
+  """
+  load_cfg = dict(load_cfg)
+  unknown = sorted(set(load_cfg) - set(LOAD_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown config.model_load keys {unknown}; valid: {list(LOAD_KEYS)}")
+  dont_load = list(load_cfg.get("dont_load", ()))
+  extras = set(extra_paths)
+  base_params = masks.unflatten({p: v for p, v in masks.flatten(variables["params"]).items()
+                                 if p not in extras})
+  loaded = _loaded_variables(path, load_cfg.get("kind"), dont_load, base_params)
+  # dont_load applies in every collection (params, batch_stats); extras are params only.
+  keep = [f"[^/]+/(?:{rx})" for rx in dont_load] + [f"params/{re.escape(p)}" for p in extras]
+  return overlay(dict(variables), loaded, keep, str(path))
