@@ -179,6 +179,9 @@ def _data_dir(kind: _Kind, cfg: dict, given: pathlib.Path | str | None) -> pathl
     return None
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def _builder(make_builder, cfg: dict, data_dir: pathlib.Path | None) -> tfds.core.DatasetBuilder:
   """Makes the builder in the TFDS directory chosen as the module docstring says, and logs it."""
   if cfg['tfds_dir']:
@@ -186,7 +189,9 @@ def _builder(make_builder, cfg: dict, data_dir: pathlib.Path | None) -> tfds.cor
     builder, why = make_builder(tfds_dir), "data_cfg['tfds_dir']"
   else:
     why = 'no data directory'
-    if data_dir is not None:
+    # Only look into <data_dir>/tfds when it exists or can be made (TFDS warns otherwise).
+    if data_dir is not None and ((data_dir / 'tfds').is_dir() or data_dir_lib.is_writable(
+        data_dir / 'tfds')):
       builder = make_builder(data_dir / 'tfds')
       if builder.is_prepared() or data_dir_lib.is_writable(data_dir / 'tfds'):
         logging.info('TFDS dataset %s/%s at %s (in the data directory).', builder.name,
@@ -198,7 +203,10 @@ def _builder(make_builder, cfg: dict, data_dir: pathlib.Path | None) -> tfds.cor
   if not builder.is_prepared() and not data_dir_lib.is_writable(tfds_dir):
     raise PermissionError(f'Cannot build the TFDS dataset in read-only {tfds_dir} ({why}); set '
                           f"data_cfg['tfds_dir'] to a writable directory.")
-  level = logging.INFO if cfg['tfds_dir'] else logging.WARNING  # A fallback deserves attention.
+  # A fallback deserves attention, once per dataset and process.
+  first = builder.data_dir not in _ANNOUNCED
+  _ANNOUNCED.add(builder.data_dir)
+  level = logging.WARNING if first and not cfg['tfds_dir'] else logging.INFO
   logging.log(level, 'TFDS dataset %s/%s at %s (%s).', builder.name, builder.builder_config.name,
               builder.data_dir, why)
   return builder

@@ -22,6 +22,7 @@ RUN_KEYS = {
     "adapt": "list of adaptation transforms, e.g. [dict(kind='lora', rank=8)].",
     "input": "data, pp, batch_size, worker_count.",
     "evals": "named evaluators, e.g. evals.val = dict(type='classification', split='val').",
+    "frozen_statistics": "train with BatchNorm in inference mode (frozen CNN backbones).",
     "loss": "objective, e.g. dict(name='softmax_xent').",
     "total_epochs": "length of training in epochs (or use total_steps).",
     "total_steps": "length of training in steps (overrides total_epochs).",
@@ -78,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_ckpts = 2
   config.best_metric = "val/auc"
   config.progress = True
+  config.frozen_statistics = False
   config.data_dir = placeholder(str)
   config.dtype = "float32"
   config.runlocal = False

@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
 
 from fm_adapt import config as config_lib
 from fm_adapt.adapt import masks
+from fm_adapt.weights import native
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
 from fm_adapt.train import mesh as mesh_lib
@@ -185,6 +187,20 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
   run.final_state = state
 
 
+def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any) -> pathlib.Path:
+  """Writes one plain checkpoint of the full model (LoRA merged) in fm_adapt's `.npz` layout."""
+  params = masks.merge(state["params"], state["frozen"])
+  variables = {"params": params, **state["model_state"]}
+  if jax.process_count() > 1:
+    variables = multihost_utils.process_allgather(variables, tiled=True)
+  variables = jax.device_get(variables)
+  if adaptation is not None:
+    variables["params"] = adaptation.merge(variables["params"])
+  if jax.process_index() == 0:
+    native.save_native(path, variables)
+  return path
+
+
 def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
   """Evaluates the best checkpoint (by `best_metric`) on every evaluator, test included."""
   state = getattr(run, "final_state", None)
@@ -197,6 +213,7 @@ def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
     abstract = ckpt_lib.abstract_of({"params": state["params"], "model_state": state["model_state"]})
     state = dict(state, **ckpt.restore_best(abstract))
   metrics = _evaluate(run.evaluators, state)
+  export = export_weights(workdir / "export" / "model.npz", state, run.adaptation)
   writer = writer_lib.MetricWriter(workdir, tensorboard=False)
   writer.write(run.total_steps, {f"best/{k}": v for k, v in metrics.items()})
   return {
@@ -204,6 +221,7 @@ def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
       "data": dataclasses.asdict(run.spec),
       "model_name": config.model_name, "model": dict(config.get("model", {})),
       "seed": config.get("seed", 0), "base_checkpoint": run.base_checkpoint,
+      "export": str(export),
       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(state["params"]))),
       "total_params": int(sum(np.size(x) for x in jax.tree.leaves(
           (state["params"], state["frozen"])))),

@@ -51,7 +51,7 @@ def _loaded_variables(path: pathlib.Path, kind: str | None, dont_load: Sequence[
   kind = kind or weights.detect_kind(path)
   if kind not in weights.LOADERS:
     raise ValueError(f"Unknown model_load.kind {kind!r}; valid: {sorted(weights.LOADERS)}")
-  if kind == "efficientnet_lite0":
+  if kind in ("efficientnet_lite0", "fm_adapt"):  # These return full variables.
     return weights.load(kind, path)
   return {"params": weights.load(kind, path, target_params=base_params, dont_load=list(dont_load))}
 

@@ -40,6 +40,7 @@ class Run:
   evaluators: dict[str, cls_eval.Evaluator]
   periodic_evals: list[str]
   base_checkpoint: dict[str, str] | None = None
+  adaptation: Any = None
   final_state: Any = None
 
 
@@ -62,7 +63,7 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
                 if adapt_cfgs else None)
   kwargs = adaptation.model_kwargs if adaptation else model_kwargs
   model = models.get_model(config.model_name, num_classes=spec.num_classes, **kwargs)
-  apply_fn = state_lib.make_apply_fn(model)
+  apply_fn = state_lib.make_apply_fn(model, bool(config.get("frozen_statistics")))
   model_init = state_lib.init_variables_fn(model, image_shape)
   init_fn = model_init
   if adaptation is not None:
@@ -171,4 +172,5 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch, total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,
-             evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base)
+             evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base,
+             adaptation=model_fns.adaptation)

@@ -12,10 +12,18 @@ from fm_adapt.adapt import masks
 from fm_adapt.train import mesh as mesh_lib
 
 
-def make_apply_fn(model: nn.Module):
-  """Returns `apply(params, model_state, images, *, train, rng) -> (logits, out, model_state)`."""
+def make_apply_fn(model: nn.Module, frozen_statistics: bool = False):
+  """Returns `apply(params, model_state, images, *, train, rng) -> (logits, out, model_state)`.
+
+  Args:
+    model: the linen module.
+    frozen_statistics: train with the model in inference mode (BatchNorm running statistics,
+      no dropout) and leave `model_state` unchanged — the usual way to probe or adapt a frozen
+      CNN backbone, whose statistics would otherwise drift towards the few training batches.
+  """
 
   def apply_fn(params, model_state, images, *, train: bool, rng: jax.Array | None):
+    train = train and not frozen_statistics
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     if train and model_state:

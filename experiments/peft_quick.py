@@ -1,0 +1,107 @@
+"""Parameter-efficient adaptation strategies side by side on PneumoniaMNIST.
+
+ViT strategies start from a ViT that this study first trains itself on BreastMNIST (a
+checkpoint produced by the code, exported with `run:vit_base`); CNN strategies start from the
+real ImageNet-pretrained EfficientNet-Lite0 weights. Each strategy reports its trainable
+parameters and validation / test AUROC of the best-validation-AUC checkpoint:
+
+  export FM_ADAPT_DATA_DIR=../shared/data FM_ADAPT_WEIGHTS_DIR=../shared/weights
+  python -m fm_adapt.study --config experiments/peft_quick.py:runlocal --workdir workdirs/peft_quick
+
+`:runlocal` is the seconds-per-run smoke version (1 seed); without it every strategy trains for
+a few epochs over 3 seeds. `backbones=vit` or `backbones=cnn` restricts the study.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from fm_adapt import config as config_lib
+from fm_adapt.adapt import compose
+
+PNEUMONIA = dict(name="medmnist", flag="pneumoniamnist", size=28)
+BREAST = dict(name="medmnist", flag="breastmnist", size=28)
+EFFICIENTNET_WEIGHTS = "efficientnet-lite0-57934424.npz"
+SCHED = dict(decay_type="cosine", warmup_percent=0.1)
+
+VIT_STRATEGIES = {
+    "full": dict(schedule=compose.preset("full", SCHED)),
+    "linear_probe": dict(schedule=compose.preset("linear_probe", SCHED)),
+    "bitfit": dict(schedule=compose.preset("bitfit", SCHED)),
+    "lora_qv_r8": dict(adapt=[dict(kind="lora", rank=8, targets=".*attn/(query|value)/kernel")]),
+    "lora_all_r8": dict(adapt=[dict(kind="lora", rank=8,
+                                    targets=".*(attn/(query|key|value|out)|mlp/fc[12])/kernel")]),
+    "vpt_deep_10": dict(adapt=[dict(kind="vpt", mode="deep", num_tokens=10)]),
+    "ept_10": dict(adapt=[dict(kind="ept", num_tokens=10)]),
+    "adapter_seq_16": dict(adapt=[dict(kind="adapter", mode="sequential", dim=16)]),
+    "lora_qv+vpt": dict(adapt=[dict(kind="lora", rank=8, targets=".*attn/(query|value)/kernel"),
+                               dict(kind="vpt", mode="shallow", num_tokens=10)]),
+}
+CNN_STRATEGIES = {
+    "full": dict(schedule=compose.preset("full", SCHED)),
+    "linear_probe": dict(schedule=compose.preset("linear_probe", SCHED)),
+    "bitfit": dict(schedule=compose.preset("bitfit", SCHED)),
+    "lora_1x1_r8": dict(adapt=[dict(kind="lora", rank=8,
+                                    targets=r"block_\d+/(expand_conv|project_conv)/kernel")]),
+    "adapter": dict(adapt=[dict(kind="adapter", reduction=8)]),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The shared run config; the sweep sets backbone, data and strategy per run."""
+  arg = config_lib.parse_arg(arg, runlocal=False, backbones="vit,cnn")
+  config = config_lib.base_config()
+  config.runlocal = arg.runlocal
+  config.model_name = "vit"
+  config.model = dict(variant="mu/4" if arg.runlocal else "Ti/4", pool_type="gap")
+  config.input.update(dict(data=PNEUMONIA, pp="value_range(-1,1)", batch_size=64,
+                           eval_batch_size=256))
+  config.evals.val = dict(type="classification", split="val")
+  config.evals.test = dict(type="classification", split="test", periodic=False)
+  config.total_epochs = 5.0
+  config.optax_name = "adamw"
+  config.lr = 1e-3
+  config.wd = 1e-4
+  config.grad_clip_norm = 1.0
+  config.schedule = dict(SCHED)
+  config.log_every = 20
+  config.description = "PEFT strategies on PneumoniaMNIST"
+  if arg.runlocal:
+    config.total_steps = 6
+    config.input.batch_size = 32
+    config.eval_every = 6
+    config.log_every = 3
+    config.progress = False
+  return config
+
+
+def _vit_runs(runlocal: bool) -> list[dict]:
+  base = dict(name="vit_base", **{"input.data": BREAST, "total_epochs": 20.0})
+  runs = [base]
+  for name, strategy in VIT_STRATEGIES.items():
+    runs.append(dict(name=f"vit_{name}", model_init="run:vit_base",
+                     model_load=dict(dont_load=["head/.*"]), **strategy))
+  return runs
+
+
+def _cnn_runs(runlocal: bool) -> list[dict]:
+  common = {"model_name": "efficientnet", "model": dict(dropout=0.2),
+            "model_init": EFFICIENTNET_WEIGHTS, "model_load": dict(dont_load=["head/.*"]),
+            "input.pp": f"resize({64 if runlocal else 96})|gray_to_rgb|value_range(-1,1)"}
+  if runlocal:
+    common["input.batch_size"] = 16
+  # Frozen-backbone strategies keep BatchNorm in inference mode (its statistics frozen too).
+  return [dict(name=f"effnet_{name}", **common, **strategy, frozen_statistics=name != "full")
+          for name, strategy in CNN_STRATEGIES.items()]
+
+
+def sweep(add, arg: str | None = None) -> None:
+  """Every strategy on each backbone; one seed in runlocal mode, three otherwise."""
+  arg = config_lib.parse_arg(arg, runlocal=False, backbones="vit,cnn")
+  backbones = str(arg.backbones).split(",")
+  runs = (_vit_runs(arg.runlocal) if "vit" in backbones else []) + (
+      _cnn_runs(arg.runlocal) if "cnn" in backbones else [])
+  for seed in ((0,) if arg.runlocal else (0, 1, 2)):
+    for run in runs:
+      if run["name"] == "vit_base" and seed > 0:
+        continue  # One base checkpoint serves every seed of the ViT strategies.
+      add(seed=seed, **run)
