@@ -86,7 +86,7 @@ def _vit_runs(runlocal: bool) -> list[dict]:
 def _cnn_runs(runlocal: bool) -> list[dict]:
   common = {"model_name": "efficientnet", "model": dict(dropout=0.2),
             "model_init": EFFICIENTNET_WEIGHTS, "model_load": dict(dont_load=["head/.*"]),
-            "input.pp": f"resize({64 if runlocal else 96})|gray_to_rgb|value_range(-1,1)"}
+            "input.pp": f"resize({32 if runlocal else 96})|gray_to_rgb|value_range(-1,1)"}
   if runlocal:
     common["input.batch_size"] = 16
   # Frozen-backbone strategies keep BatchNorm in inference mode (its statistics frozen too).

@@ -15,8 +15,9 @@ Parameter names are chosen for path regexes:
   head_conv, head_bn, head           (head is the nn.Dense classifier)
   block_{i}/adapter/{down,up}        optional bottleneck adapter (Model.adapter)
 
-Expand and project convolutions are 1x1 `nn.Conv` (kernels [1, 1, I, O]) and the
-classifier is `nn.Dense`, so kernel transforms such as LoRA can target them.
+Expand and project convolutions are 1x1 `nn.Conv` (kernels [1, 1, I, O]; all convolutions are
+`fm_adapt.models.conv.Conv`, an nn.Conv subclass) and the classifier is `nn.Dense`, so kernel
+transforms such as LoRA can target them.
 """
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from fm_adapt.adapt import adapters
+from fm_adapt.models import conv
 
 
 class BlockSpec(NamedTuple):
@@ -87,20 +89,22 @@ def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-          groups: int = 1) -> nn.Conv:
-  return nn.Conv(
+          groups: int = 1, conv_impl: str = 'auto') -> conv.Conv:
+  return conv.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding='SAME',
-      feature_group_count=groups, use_bias=False, dtype=dtype, name=name)
+      feature_group_count=groups, use_bias=False, dtype=dtype, name=name,
+      conv_impl=conv_impl)
 
 
 class Stem(nn.Module):
   """3x3 stride-2 convolution, BatchNorm, ReLU6."""
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = _conv(self.features, 3, 2, self.dtype, 'conv')(x)
+    x = _conv(self.features, 3, 2, self.dtype, 'conv', conv_impl=self.conv_impl)(x)
     x = _batch_norm(train, self.dtype, 'bn')(x)
     return nn.relu6(x)
 
@@ -113,10 +117,12 @@ class MBConv(nn.Module):
     dtype: compute dtype.
     adapter: None, or a config checked by `adapters.check_cnn_config`: a residual bottleneck
       adapter `x + up(act(down(x)))` (zero-initialized `up`) on the block's output.
+    conv_impl: convolution implementation, see `conv.Conv`.
   """
   spec: BlockSpec
   dtype: Any = jnp.float32
   adapter: Mapping[str, Any] | None = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -124,12 +130,12 @@ class MBConv(nn.Module):
     inputs = x
     hidden = spec.features_in * spec.expand_ratio
     if spec.expand_ratio != 1:
-      x = _conv(hidden, 1, 1, self.dtype, 'expand_conv')(x)
+      x = _conv(hidden, 1, 1, self.dtype, 'expand_conv', conv_impl=self.conv_impl)(x)
       x = nn.relu6(_batch_norm(train, self.dtype, 'expand_bn')(x))
     x = _conv(hidden, spec.kernel, spec.stride, self.dtype, 'dw_conv',
-              groups=hidden)(x)
+              groups=hidden, conv_impl=self.conv_impl)(x)
     x = nn.relu6(_batch_norm(train, self.dtype, 'dw_bn')(x))
-    x = _conv(spec.features_out, 1, 1, self.dtype, 'project_conv')(x)
+    x = _conv(spec.features_out, 1, 1, self.dtype, 'project_conv', conv_impl=self.conv_impl)(x)
     x = _batch_norm(train, self.dtype, 'project_bn')(x)
     if spec.stride == 1 and spec.features_in == spec.features_out:
       x = x + inputs
@@ -151,12 +157,15 @@ class Model(nn.Module):
     adapter: None, or residual bottleneck adapters after MBConv blocks, e.g.
       dict(dim=16) (every block) or dict(reduction=4, blocks=(-4, -3, -2, -1)); see
       `adapters.check_cnn_config`. Parameters `block_{i}/adapter/{down,up}`.
+    conv_impl: convolution implementation of every conv: 'auto' (fast gradients on CPU,
+      plain XLA elsewhere), 'xla' or 'im2col_grad'; see `fm_adapt.models.conv`.
   """
   num_classes: int = 1000
   variant: str = 'lite0'
   dropout: float = 0.2
   dtype: Any = jnp.float32
   adapter: Mapping[str, Any] | None = None
+  conv_impl: str = 'auto'
 
   def __post_init__(self):
     _, blocks, _ = decode_variant(self.variant)  # An unknown variant fails at construction.
@@ -182,13 +191,14 @@ class Model(nn.Module):
     stem_features, blocks, head_features = decode_variant(self.variant)
     out = {}
     x = jnp.asarray(image, self.dtype)
-    x = Stem(stem_features, self.dtype, name='stem')(x, train=train)
+    x = Stem(stem_features, self.dtype, self.conv_impl, name='stem')(x, train=train)
     adapter = (None if self.adapter is None
                else adapters.check_cnn_config(self.adapter, len(blocks)))
     for i, spec in enumerate(blocks):
       block_adapter = adapter if adapter and i in adapter['blocks'] else None
-      x = MBConv(spec, self.dtype, block_adapter, name=f'block_{i}')(x, train=train)
-    x = _conv(head_features, 1, 1, self.dtype, 'head_conv')(x)
+      x = MBConv(spec, self.dtype, block_adapter, self.conv_impl,
+                 name=f'block_{i}')(x, train=train)
+    x = _conv(head_features, 1, 1, self.dtype, 'head_conv', conv_impl=self.conv_impl)(x)
     x = nn.relu6(_batch_norm(train, self.dtype, 'head_bn')(x))
     out['features'] = x
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fm_adapt.models import conv
+
 Array = jax.Array
 
 STEMS = ('cifar', 'imagenet')
@@ -28,12 +30,13 @@ STEMS = ('cifar', 'imagenet')
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  """Bias-free conv with PyTorch-style symmetric padding."""
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
+          conv_impl: str = 'auto') -> conv.Conv:
+  """Bias-free conv with PyTorch-style symmetric padding (an nn.Conv, see `conv.Conv`)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=_CONV_INIT, name=name)
+  return conv.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                   kernel_init=_CONV_INIT, name=name, conv_impl=conv_impl)
 
 
 def _norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.BatchNorm:
@@ -51,20 +54,23 @@ class BasicBlock(nn.Module):
     stride: stride of conv1 (and the projection).
     zero_init_residual: initialize bn2's scale to zero so the block starts as identity.
     dtype: compute dtype.
+    conv_impl: convolution implementation, see `conv.Conv`.
   """
   features: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Applies the block to x [B, H, W, C]."""
     norm = functools.partial(_norm, train, self.dtype)
-    y = nn.relu(norm('bn1')(_conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    y = nn.relu(norm('bn1')(make_conv(self.features, 3, self.stride, name='conv1')(x)))
+    y = make_conv(self.features, 3, 1, name='conv2')(y)
     y = norm('bn2', zero_scale=self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, self.features, self.stride, norm, self.dtype))
+    return nn.relu(y + _shortcut(x, self.features, self.stride, norm, make_conv))
 
 
 class Bottleneck(nn.Module):
@@ -75,32 +81,36 @@ class Bottleneck(nn.Module):
     stride: stride of conv2 (torchvision v1.5) and of the projection.
     zero_init_residual: initialize bn3's scale to zero so the block starts as identity.
     dtype: compute dtype.
+    conv_impl: convolution implementation, see `conv.Conv`.
   """
   features: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Applies the block to x [B, H, W, C]."""
     norm = functools.partial(_norm, train, self.dtype)
+    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     out_features = 4 * self.features
-    y = nn.relu(norm('bn1')(_conv(self.features, 1, 1, self.dtype, 'conv1')(x)))
-    y = nn.relu(norm('bn2')(_conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)))
-    y = _conv(out_features, 1, 1, self.dtype, 'conv3')(y)
+    y = nn.relu(norm('bn1')(make_conv(self.features, 1, 1, name='conv1')(x)))
+    y = nn.relu(norm('bn2')(make_conv(self.features, 3, self.stride, name='conv2')(y)))
+    y = make_conv(out_features, 1, 1, name='conv3')(y)
     y = norm('bn3', zero_scale=self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, out_features, self.stride, norm, self.dtype))
+    return nn.relu(y + _shortcut(x, out_features, self.stride, norm, make_conv))
 
 
-def _shortcut(x: Array, features: int, stride: int, norm, dtype: Any) -> Array:
+def _shortcut(x: Array, features: int, stride: int, norm, make_conv) -> Array:
   """Identity, or a 1x1 strided projection + BN when the shape changes.
 
   Called from inside a block's compact `__call__`, so the submodules belong to that block.
+  `make_conv` is the block's `_conv` with dtype and conv_impl bound.
   """
   if stride == 1 and x.shape[-1] == features:
     return x
-  return norm('proj_bn')(_conv(features, 1, stride, dtype, 'proj_conv')(x))
+  return norm('proj_bn')(make_conv(features, 1, stride, name='proj_conv')(x))
 
 
 # depth -> (block class, blocks per stage).
@@ -118,16 +128,18 @@ class Stem(nn.Module):
     kind: 'cifar' (3x3 stride 1, no pool) or 'imagenet' (7x7 stride 2, 3x3/2 max-pool).
     width: output channels.
     dtype: compute dtype.
+    conv_impl: convolution implementation, see `conv.Conv`.
   """
   kind: str
   width: int
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Applies the stem to images x [B, H, W, C]."""
     kernel, stride = (3, 1) if self.kind == 'cifar' else (7, 2)
-    x = _conv(self.width, kernel, stride, self.dtype, 'conv')(x)
+    x = _conv(self.width, kernel, stride, self.dtype, 'conv', self.conv_impl)(x)
     x = nn.relu(_norm(train, self.dtype, 'bn')(x))
     if self.kind == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -144,6 +156,7 @@ class Stage(nn.Module):
     stride: stride of the first block.
     zero_init_residual: see the block classes.
     dtype: compute dtype.
+    conv_impl: convolution implementation, see `conv.Conv`.
   """
   block_cls: type[nn.Module]
   num_blocks: int
@@ -151,6 +164,7 @@ class Stage(nn.Module):
   stride: int
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -158,7 +172,7 @@ class Stage(nn.Module):
     for b in range(self.num_blocks):
       x = self.block_cls(features=self.features, stride=self.stride if b == 0 else 1,
                          zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                         name=f'block_{b}')(x, train)
+                         conv_impl=self.conv_impl, name=f'block_{b}')(x, train)
     return x
 
 
@@ -173,6 +187,8 @@ class Model(nn.Module):
     width: channels of the stem and the first stage; stage s has width * 2**s.
     zero_init_residual: zero-init the last BN scale of every residual block.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN statistics stay float32.
+    conv_impl: convolution implementation of every conv: 'auto' (fast weight gradients on
+      CPU, plain XLA elsewhere), 'xla' or 'im2col_grad'; see `fm_adapt.models.conv`.
   """
   num_classes: int
   depth: int = 18
@@ -180,6 +196,7 @@ class Model(nn.Module):
   width: int = 64
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   def _check_config(self) -> None:
     """Raises ValueError on an invalid depth or stem."""
@@ -205,11 +222,11 @@ class Model(nn.Module):
     if image.ndim != 4:
       raise ValueError(f'ResNet expects images [B, H, W, C], got shape {image.shape}.')
     block_cls, stage_sizes = DEPTHS[self.depth]
-    x = Stem(self.stem, self.width, self.dtype, name='stem')(image, train)
+    x = Stem(self.stem, self.width, self.dtype, self.conv_impl, name='stem')(image, train)
     for s, num_blocks in enumerate(stage_sizes):
       x = Stage(block_cls, num_blocks, self.width * 2**s, stride=1 if s == 0 else 2,
                 zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                name=f'stage_{s}')(x, train)
+                conv_impl=self.conv_impl, name=f'stage_{s}')(x, train)
     out = {'features': x}
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
     if self.num_classes:

@@ -60,7 +60,7 @@ def test_study_runs_exports_adapts_and_tabulates(tmp_path, shared_data_dir, monk
 
 def test_run_reference_needs_an_earlier_run(tmp_path):
   exp = tmp_path / "exp.py"
-  exp.write_text(EXPERIMENT.replace('add(name="base")\n', ""))
+  exp.write_text(EXPERIMENT.replace('add(name="base")', "pass"))
   with pytest.raises(FileNotFoundError, match="has no export yet"):
     study.run_study(str(exp), tmp_path / "study")
 

@@ -77,7 +77,7 @@ def test_pth_state_dicts(tmp_path):
 
 def test_registry_kinds():
   assert set(weights.LOADERS) == {'efficientnet_lite0', 'vit', 'big_vision', 'timm', 'hf',
-                                  'pth'}
+                                  'pth', 'fm_adapt'}
 
 
 def test_load_by_kind_and_by_path(tmp_path):

@@ -1,0 +1,53 @@
+"""Starting runs from pretrained checkpoints: overlay rules and a real EfficientNet-Lite0 run."""
+import json
+
+import numpy as np
+import pytest
+
+from fm_adapt import config as config_lib
+from fm_adapt.train import loop, pretrained
+
+
+def test_overlay_keeps_dont_load_and_names_shape_mismatch():
+  init = {"params": {"body": {"kernel": np.zeros((2, 2))}, "head": {"kernel": np.zeros((2, 3))}}}
+  loaded = {"params": {"body": {"kernel": np.ones((2, 2))}, "head": {"kernel": np.ones((2, 9))}}}
+  out = pretrained.overlay(init, loaded, ["[^/]+/(?:head/.*)"], "ckpt")
+  np.testing.assert_array_equal(out["params"]["body"]["kernel"], np.ones((2, 2)))
+  np.testing.assert_array_equal(out["params"]["head"]["kernel"], np.zeros((2, 3)))
+  with pytest.raises(ValueError, match=r"params/head/kernel: checkpoint \(2, 9\) vs model \(2, 3\)"):
+    pretrained.overlay(init, loaded, [], "ckpt")
+  with pytest.raises(ValueError, match=r"Missing: \['params/extra'\]"):
+    pretrained.overlay(dict(init, params=dict(init["params"], extra=np.zeros(1))), loaded,
+                       ["[^/]+/(?:head/.*)"], "ckpt")
+
+
+def test_missing_checkpoint_file_is_clear(monkeypatch):
+  monkeypatch.delenv("FM_ADAPT_WEIGHTS_DIR", raising=False)
+  with pytest.raises(FileNotFoundError, match="FM_ADAPT_WEIGHTS_DIR"):
+    pretrained.resolve_path("no_such_weights.npz")
+
+
+def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_dir, monkeypatch):
+  monkeypatch.setenv("FM_ADAPT_WEIGHTS_DIR", str(shared_weights_dir))
+  config = config_lib.base_config()
+  config.model_name = "efficientnet"
+  config.model = dict(dropout=0.2)
+  config.model_init = "efficientnet-lite0-57934424.npz"
+  config.model_load = dict(dont_load=["head/.*"])
+  config.adapt = [dict(kind="lora", rank=4, targets=r"block_1[45]/(expand|project)_conv/kernel")]
+  config.frozen_statistics = True
+  config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
+                           pp="resize(32)|gray_to_rgb|value_range(-1,1)", batch_size=8,
+                           eval_batch_size=256))
+  config.evals.test = dict(type="classification", split="test")
+  config.best_metric = "test/auc"
+  config.total_steps = 2
+  config.progress = False
+  results = loop.train_and_evaluate(config, tmp_path / "w")
+  counts = {r["module"]: r for r in json.loads((tmp_path / "w" / "param_counts.json").read_text())}
+  # Trainable: the LoRA factors and the new 2-class head; the pretrained backbone is frozen.
+  # block_14: 192->1152->192, block_15: 192->1152->320; rank 4: 4 * (in + out) per kernel.
+  assert counts["lora"]["trainable"] == 4 * (3 * (192 + 1152) + (1152 + 320))
+  assert counts["head"]["trainable"] == 1280 * 2 + 2 and counts["stem"]["trainable"] == 0
+  assert results["base_checkpoint"]["sha256"].startswith("ce66bb4a")
+  assert results["metrics"]["test/num_examples"] == 468
