@@ -1,4 +1,6 @@
 """Tests of fm_adapt.models.conv: the fast-gradient convolution equals lax's, Conv equals nn.Conv."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,15 +18,20 @@ EXPLICIT = ((2, 0), (1, 3))
 
 
 def _rand(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  return jax.random.normal(jax.random.key(seed), shape, dtype)
+  """Standard normal values from numpy (compiling jax.random per shape is slow on CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
 
 
 def _value_and_grads(fn, x, w, **kwargs):
-  """(y, dL/dx, dL/dw) of L = sum(y * r) for a fixed random cotangent r, jitted."""
-  def f(x, w):
-    return fn(x, w, dimension_numbers=NHWC, **kwargs)
-  y, vjp = jax.jit(lambda x, w: jax.vjp(f, x, w))(x, w)
-  return (y, *jax.jit(vjp)(_rand(9, y.shape, y.dtype)))
+  """(y, dL/dx, dL/dw) of L = sum(y * r) for a fixed random cotangent r, jitted.
+
+  Arrays are passed as arguments: XLA would constant-fold convolutions of constants, slowly.
+  """
+  def value_and_grads(x, w, r):
+    y, vjp = jax.vjp(lambda x, w: fn(x, w, dimension_numbers=NHWC, **kwargs), x, w)
+    return (y, *vjp(r))
+  y_shape = jax.eval_shape(lambda x, w: fn(x, w, dimension_numbers=NHWC, **kwargs), x, w)
+  return jax.jit(value_and_grads)(x, w, _rand(9, y_shape.shape, y_shape.dtype))
 
 
 def _assert_close(actual, expected, rtol=1e-5):
@@ -45,16 +52,18 @@ def _check_against_lax(x_shape, w_shape, strides, padding, groups=1, dilation=(1
     _assert_close(a, e)
 
 
-@pytest.mark.parametrize('kernel', [1, 3, 5, 7])
-@pytest.mark.parametrize('stride', [1, 2])
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', EXPLICIT])
+# (kernel, stride, padding): every padding with both strides, every kernel size; not the full
+# product, as each case compiles (about 0.5 s, 3 s for 7x7 on 2 cores).
+CASES = [(1, 1, 'SAME'), (1, 2, 'VALID'), (3, 1, 'VALID'), (3, 2, 'SAME'), (3, 1, EXPLICIT),
+         (5, 2, EXPLICIT), (5, 1, 'SAME'), (7, 2, 'SAME')]
+
+
+@pytest.mark.parametrize('kernel, stride, padding', CASES)
 def test_dense_matches_lax(kernel, stride, padding):
   _check_against_lax((2, 15, 13, 3), (kernel, kernel, 3, 5), (stride, stride), padding)
 
 
-@pytest.mark.parametrize('kernel', [1, 3, 5, 7])
-@pytest.mark.parametrize('stride', [1, 2])
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', EXPLICIT])
+@pytest.mark.parametrize('kernel, stride, padding', CASES)
 def test_depthwise_matches_lax(kernel, stride, padding):
   _check_against_lax((2, 15, 13, 6), (kernel, kernel, 1, 6), (stride, stride), padding, groups=6)
 
@@ -85,12 +94,13 @@ def test_weight_gradient_in_batch_chunks(monkeypatch):
 @pytest.mark.parametrize('kwargs', [dict(feature_group_count=2), dict(lhs_dilation=(2, 2)),
                                     dict(dimension_numbers=None)])
 def test_unsupported_cases_fall_back_to_lax(kwargs):
-  x, w = _rand(0, (2, 9, 7, 4)), _rand(1, (3, 3, 2, 6))
+  x, w = _rand(0, (2, 9, 7, 4)), _rand(1, (3, 3, 4 // kwargs.get('feature_group_count', 1), 6))
   if kwargs.get('dimension_numbers', NHWC) is None:  # lax's default NCHW / OIHW layout.
     x, w = _rand(0, (2, 4, 9, 7)), _rand(1, (6, 4, 3, 3))
   kwargs = dict(dict(dimension_numbers=NHWC), **kwargs)
-  ref = lax.conv_general_dilated(x, w, (1, 1), 'SAME', **kwargs)
-  np.testing.assert_array_equal(conv.im2col_grad_conv(x, w, (1, 1), 'SAME', **kwargs), ref)
+  args = (x, w, (1, 1), ((1, 1), (1, 1)))
+  expected = lax.conv_general_dilated(*args, **kwargs)
+  np.testing.assert_array_equal(conv.im2col_grad_conv(*args, **kwargs), expected)
 
 
 def test_bfloat16_close_to_float32():
@@ -117,24 +127,22 @@ def test_resolve_impl(monkeypatch):
     dict(features=5, kernel_size=(3, 3)),
     dict(features=5, kernel_size=(1, 1), strides=2, padding='VALID', use_bias=False),
     dict(features=8, kernel_size=(5, 5), feature_group_count=4, padding=((2, 2), (1, 1))),
-    dict(features=4, kernel_size=(3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+    dict(features=4, kernel_size=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
          kernel_init=nn.initializers.ones, bias_init=nn.initializers.normal()),
 ])
-@pytest.mark.parametrize('conv_impl', conv.CONV_IMPLS)
-def test_module_matches_nn_conv(kwargs, conv_impl):
+def test_module_matches_nn_conv(kwargs):
+  """Same variables (names, shapes, dtypes; values from one key) and outputs as nn.Conv."""
   x = _rand(0, (2, 15, 13, 4))
-  module = conv.Conv(**kwargs, conv_impl=conv_impl, name='c')
-  assert isinstance(module, nn.Conv)
-  variables = module.init(jax.random.key(1), x)
+  module = conv.Conv(**kwargs, conv_impl='im2col_grad', name='c')
   ref_module = nn.Conv(**kwargs, name='c')
-  ref_variables = ref_module.init(jax.random.key(1), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
-  jax.tree.map(np.testing.assert_array_equal, variables, ref_variables)
-  assert jax.tree.map(lambda a: a.dtype, variables) == jax.tree.map(lambda a: a.dtype,
-                                                                      ref_variables)
+  assert isinstance(module, nn.Conv)
+  abstract = jax.eval_shape(module.init, jax.random.key(1), x)
+  assert abstract == jax.eval_shape(ref_module.init, jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: _rand(2, a.shape, a.dtype), abstract)
   y, ref = module.apply(variables, x), ref_module.apply(variables, x)
   assert y.dtype == ref.dtype
   _assert_close(y, ref, rtol=1e-2 if y.dtype == jnp.bfloat16 else 1e-5)
+
 
 
 def test_module_conv_impl_selects_function():
@@ -153,7 +161,7 @@ def test_lora_intercepts_conv():
   """LoRA's interceptor sees conv.Conv as an nn.Conv (a 1x1 strided conv, like ResNet's)."""
   model = conv.Conv(6, (1, 1), strides=(2, 2), conv_impl='im2col_grad', name='proj')
   x = _rand(0, (2, 8, 8, 4))
-  params = model.init(jax.random.key(1), x)['params']
+  params = _random_variables(model, x)['params']
   lora_tree = {'lora_a': _rand(2, (4, 2)), 'lora_b': _rand(3, (2, 6))}
   with lora.intercept(lora_tree, scale=0.5):
     y = model.apply({'params': params}, x)
@@ -161,28 +169,69 @@ def test_lora_intercepts_conv():
   _assert_close(y, model.apply({'params': params}, x) + delta)
 
 
-def _model_value_and_grads(model, image):
-  """Logits and gradients (params, image) of a train-mode step of `model`."""
-  variables = model.init(jax.random.key(0), image)
+def _conv_impls_used(model, image) -> dict[str, str]:
+  """{module path: conv_impl} of every nn.Conv call in `model` (abstract, nothing compiled)."""
+  used = {}
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == '__call__':
+      used['/'.join(context.module.path)] = getattr(context.module, 'conv_impl', 'nn.Conv')
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.init, jax.random.key(0), image)
+  return used
 
-  def loss(params, image):
-    (logits, _), _ = model.apply({**variables, 'params': params}, image, train=True,
-                                 mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
-    return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
 
-  return jax.jit(jax.grad(loss, (0, 1), has_aux=True))(variables['params'], image)
+@pytest.mark.parametrize('model, num_convs', [
+    (resnet.Model(num_classes=3, width=4, conv_impl='xla'), 20),
+    (resnet.Model(num_classes=3, depth=50, width=4, conv_impl='xla'), 53),
+    (efficientnet.Model(num_classes=3, conv_impl='xla'), 49),
+])
+def test_models_pass_conv_impl_to_every_conv(model, num_convs):
+  used = _conv_impls_used(model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  assert len(used) == num_convs and set(used.values()) == {'xla'}
+  default = _conv_impls_used(model.clone(conv_impl='auto'),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  assert set(default.values()) == {'auto'}
 
 
-@pytest.mark.parametrize('name', ['resnet', 'efficientnet'])
-def test_models_match_xla(name):
-  if name == 'resnet':
-    make = lambda impl: resnet.Model(num_classes=3, width=4, conv_impl=impl)
-    image = _rand(0, (4, 16, 16, 1))
-  else:
-    make = lambda impl: efficientnet.Model(num_classes=3, dropout=0.0, conv_impl=impl)
-    image = _rand(0, (2, 32, 32, 3))
-  (grads, image_grad), logits = _model_value_and_grads(make('im2col_grad'), image)
-  (ref_grads, ref_image_grad), ref_logits = _model_value_and_grads(make('xla'), image)
-  _assert_close(logits, ref_logits, rtol=1e-4)
-  _assert_close(image_grad, ref_image_grad, rtol=1e-4)
+def _random_variables(module: nn.Module, *args, **kwargs) -> dict:
+  """Random variables of `module` from numpy (nothing compiled); BatchNorm variances positive."""
+  rng = np.random.default_rng(0)
+  def leaf(path, x):
+    value = rng.normal(0., 0.2, x.shape).astype(np.float32)
+    return np.abs(value) + 0.5 if path[-1].key == 'var' else value
+  abstract = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _block_value_and_grads(block, x):
+  """Output and gradients (params, x) of a train-mode block (BatchNorm on batch statistics)."""
+  variables = _random_variables(block, x, train=False)
+
+  def loss(params, batch_stats, x):
+    y, _ = block.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                       mutable=['batch_stats'])
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+  grad_fn = jax.jit(jax.grad(loss, (0, 2), has_aux=True))
+  return grad_fn(variables['params'], variables['batch_stats'], x)
+
+
+@pytest.mark.parametrize('name', ['resnet_basic', 'resnet_bottleneck', 'efficientnet_mbconv'])
+def test_model_blocks_match_xla(name):
+  """Blocks of the models (strided 3x3 / 5x5 depthwise / 1x1 convs): im2col_grad equals xla.
+
+  Whole models compile for 20-60 s here; `benchmarks/conv_cpu.py` compares them at full size.
+  """
+  make = {
+      'resnet_basic': lambda impl: resnet.BasicBlock(8, stride=2, conv_impl=impl),
+      'resnet_bottleneck': lambda impl: resnet.Bottleneck(4, stride=2, conv_impl=impl),
+      'efficientnet_mbconv': lambda impl: efficientnet.MBConv(
+          efficientnet.BlockSpec(4, 8, 5, 2, 6), conv_impl=impl),
+  }[name]
+  x = _rand(0, (4, 9, 11, 4))
+  (grads, x_grad), y = _block_value_and_grads(make('im2col_grad'), x)
+  (ref_grads, ref_x_grad), ref_y = _block_value_and_grads(make('xla'), x)
+  _assert_close(y, ref_y, rtol=1e-4)
+  _assert_close(x_grad, ref_x_grad, rtol=1e-4)
   jax.tree.map(lambda a, e: _assert_close(a, e, rtol=1e-4), grads, ref_grads)

@@ -32,7 +32,7 @@ def test_get_model_builds_configured_module():
 
 def test_model_fields():
   assert list(models.model_fields(models.resnet.Model)) == [
-      'num_classes', 'depth', 'stem', 'width', 'zero_init_residual', 'dtype']
+      'num_classes', 'depth', 'stem', 'width', 'zero_init_residual', 'dtype', 'conv_impl']
   vit_fields = models.model_fields(models.vit.Model)
   assert {'num_classes', 'variant', 'pool_type', 'posemb', 'dropout', 'head_zeroinit',
           'dtype', 'remat', 'prompt', 'adapter'} == set(vit_fields)
