@@ -32,17 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from benchmarks import common
 from fm_adapt.adapt import compose
-from fm_adapt.objectives import classification as objectives
-from fm_adapt.train import loop, optim, setup
+from fm_adapt.train import loop, setup
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import state as state_lib
-from fm_adapt.train import step as step_lib
 
 NUM_CLASSES = 10
 LORA_ALL = 'encoder/.*/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel'
@@ -80,7 +77,7 @@ STRATEGIES: dict[str, Strategy] = {
 # ViT-Ti/4 @ 28 and ~130 MiB for S/16 @ 224 in a full step); these keep a full fine-tuning step at
 # ~1 s (Ti) and ~3 s (S) on an idle 2-core AMD EPYC (Zen 3), so that the whole run fits in
 # 15-25 minutes of a CPU shared with other jobs. Override with --batch.
-DEFAULT_BATCH = {'S/16@224': 8, 'Ti/4@28': 32, 'mu/4@28': 8}
+DEFAULT_BATCH = common.DEFAULT_BATCH
 QUICK = dict(models=['mu/4@28'], batch=8, steps=4, per_round=2, warmup=1)
 
 
@@ -134,27 +131,14 @@ def build_step(config: Any, image_shape: tuple[int, int, int], total_steps: int 
   # dataset, loader and evaluators that a benchmark does not need.
   mesh = mesh_lib.make_mesh(None)
   spec = types.SimpleNamespace(num_classes=NUM_CLASSES, task='multiclass')
-  model_fns = setup.build_model(config, spec, image_shape)
   init_rng = jax.random.key(0)
-  variables_shape = jax.eval_shape(model_fns.init_fn, init_rng)
-  schedule = config.get('schedule')
-  if model_fns.adaptation is not None:
-    schedule = compose.schedule_for(model_fns.adaptation, schedule)
-  trainable = optim.trainable_mask(variables_shape['params'], schedule)
-  params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
-  tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
-  loss_fn = objectives.get_loss(None, spec.task)
-  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
+  fns = setup.build_train_fns(config, spec, image_shape, total_steps, init_rng)
   if host_init:
-    variables = host_random_init(variables_shape, mesh)
+    variables = host_random_init(fns.variables_shape, mesh)
   else:
-    variables = state_lib.sharded_init(model_fns.init_fn, init_rng, mesh)
-  params, frozen, model_state = state_lib.split_variables(variables, trainable)
-  opt_shardings = mesh_lib.optimizer_shardings(jax.eval_shape(tx.init, params), mesh)
-  opt = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
-  state = dict(params=params, frozen=frozen, model_state=model_state, opt=opt, step=step)
-  return loop.jit_update(update, state, mesh), state, mesh
+    variables = state_lib.sharded_init(fns.model_fns.init_fn, init_rng, mesh)
+  state = setup.initial_state(fns, variables, mesh)
+  return loop.jit_update(fns.update_fn, state, mesh), state, mesh
 
 
 def tree_bytes(tree: Any) -> int:
@@ -393,14 +377,7 @@ EXPLANATION = """\
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Command-line flags."""
-  p = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', default='Ti/4@28,S/16@224',
-                 help="comma-separated 'variant@pixels' (default: %(default)s)")
-  p.add_argument('--strategies', default=','.join(STRATEGIES),
-                 help=f'comma-separated subset of {list(STRATEGIES)} (default: all)')
-  p.add_argument('--batch', type=int, default=None,
-                 help=f'batch size for every model (default per model: {DEFAULT_BATCH})')
+  p = common.model_parser(__doc__, STRATEGIES)
   p.add_argument('--steps', type=int, default=20, help='timed steps per strategy (median)')
   p.add_argument('--per-round', type=int, default=4, help='steps per strategy per round')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
@@ -415,12 +392,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if args.quick:
     args.models, args.steps, args.warmup = QUICK['models'], QUICK['steps'], QUICK['warmup']
     args.per_round, args.batch = QUICK['per_round'], args.batch or QUICK['batch']
-  unknown = sorted(set(args.strategies) - set(STRATEGIES))
-  if unknown:
-    p.error(f'unknown strategies {unknown}; valid: {list(STRATEGIES)}')
-  for model in args.models:
-    parse_model(model)
-  args.batch_for = {m: args.batch or DEFAULT_BATCH.get(m, 32) for m in args.models}
+  common.check_model_args(p, args, STRATEGIES, parse_model)
   return args
 
 

@@ -5,6 +5,7 @@ Only what more than one benchmark needs: step timing, the process's resident mem
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -136,3 +137,31 @@ def write_result(out_dir: str | os.PathLike[str], name: str, markdown: str,
   (out / f'{name}.md').write_text(markdown + '\n')
   (out / f'{name}.json').write_text(json.dumps(record, indent=2, default=str) + '\n')
   return out
+
+
+# Batch per model when --batch is not given: what keeps a full run within its budget on 2 cores.
+DEFAULT_BATCH = {'S/16@224': 8, 'Ti/4@28': 32, 'mu/4@28': 8}
+
+
+def model_parser(doc: str, strategies: Sequence[str]) -> argparse.ArgumentParser:
+  """A parser with the flags every ViT benchmark shares: --models, --strategies, --batch."""
+  p = argparse.ArgumentParser(description=doc.split('\n', 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default='Ti/4@28,S/16@224',
+                 help="comma-separated 'variant@pixels' (default: %(default)s)")
+  p.add_argument('--strategies', default=','.join(strategies),
+                 help=f'comma-separated subset of {list(strategies)} (default: all)')
+  p.add_argument('--batch', type=int, default=None,
+                 help=f'batch size for every model (default per model: {DEFAULT_BATCH})')
+  return p
+
+
+def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     strategies: Sequence[str], parse_model: Callable[[str], Any]) -> None:
+  """Validates --strategies and --models (after --quick) and sets `args.batch_for`."""
+  unknown = sorted(set(args.strategies) - set(strategies))
+  if unknown:
+    p.error(f'unknown strategies {unknown}; valid: {list(strategies)}')
+  for model in args.models:
+    parse_model(model)
+  args.batch_for = {m: args.batch or DEFAULT_BATCH.get(m, 32) for m in args.models}

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from fm_adapt.models import efficientnet
 from fm_adapt.models import resnet
 
@@ -81,17 +82,6 @@ def random_batch(shape: Sequence[int], seed: int = 0) -> tuple[jax.Array, jax.Ar
   return jnp.asarray(images), jnp.asarray(labels)
 
 
-def time_calls(fn: Callable[[], Any], n: int) -> tuple[list[float], list[float]]:
-  """Wall and process CPU seconds of n calls of `fn` (which must block until done)."""
-  wall, cpu = [], []
-  for _ in range(n):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return wall, cpu
-
-
 def time_impl(name: str, impl: str, variables: dict[str, Any], steps: int) -> dict[str, Any]:
   """Compiles and times the train step of one model and conv_impl."""
   make_model, shape = MODELS[name]
@@ -101,7 +91,7 @@ def time_impl(name: str, impl: str, variables: dict[str, Any], steps: int) -> di
   compiled = make_train_step(make_model(impl)).lower(*args).compile()
   compile_s = time.perf_counter() - start
   grads = jax.block_until_ready(compiled(*args))[-1]  # Warm-up step.
-  wall, cpu = time_calls(lambda: jax.block_until_ready(compiled(*args)), steps)
+  wall, cpu = common.time_calls(lambda: jax.block_until_ready(compiled(*args)), steps)
   return dict(model=name, impl=impl, batch=shape[0], compile_s=compile_s, times=wall,
               median=statistics.median(wall), min=min(wall), max=max(wall),
               cpu_median=statistics.median(cpu), grads=grads)

@@ -36,7 +36,7 @@ from fm_adapt.models import vit
 NUM_CLASSES = adapt_cost.NUM_CLASSES
 STRATEGIES = ('full', 'lora_qv')
 LORA_RANK, LORA_ALPHA = 8, 16
-DEFAULT_BATCH = {'S/16@224': 8, 'Ti/4@28': 32, 'mu/4@28': 8}
+DEFAULT_BATCH = common.DEFAULT_BATCH
 QUICK = dict(models=['mu/4@28'], batch=8, rounds=2, steps=2, warmup=1)
 TARGET = 1.2
 
@@ -291,14 +291,7 @@ def setup_torch() -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Command-line flags."""
-  p = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', default='Ti/4@28,S/16@224',
-                 help="comma-separated 'variant@pixels' (default: %(default)s)")
-  p.add_argument('--strategies', default=','.join(STRATEGIES),
-                 help=f'comma-separated subset of {list(STRATEGIES)}')
-  p.add_argument('--batch', type=int, default=None,
-                 help=f'batch size for every model (default per model: {DEFAULT_BATCH})')
+  p = common.model_parser(__doc__, STRATEGIES)
   p.add_argument('--rounds', type=int, default=5, help='alternating rounds')
   p.add_argument('--steps', type=int, default=3, help='steps per framework per round')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps of each before round 1')
@@ -313,12 +306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models, args.rounds = QUICK['models'], QUICK['rounds']
     args.steps, args.warmup = QUICK['steps'], QUICK['warmup']
     args.batch = args.batch or QUICK['batch']
-  bad = sorted(set(args.strategies) - set(STRATEGIES))
-  if bad:
-    p.error(f'unknown strategies {bad}; valid: {list(STRATEGIES)}')
-  for model in args.models:
-    adapt_cost.parse_model(model)
-  args.batch_for = {m: args.batch or DEFAULT_BATCH.get(m, 32) for m in args.models}
+  common.check_model_args(p, args, STRATEGIES, adapt_cost.parse_model)
   return args
 
 

@@ -31,8 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fm_adapt.models import activations
+
 ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': activations.gelu,
     'relu': jax.nn.relu,
     'relu6': jax.nn.relu6,
     'silu': jax.nn.silu,

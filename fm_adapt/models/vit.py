@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_adapt.adapt import adapters, prompts
+from fm_adapt.models import activations
 
 Array = jax.Array
 
@@ -152,7 +153,7 @@ class MlpBlock(nn.Module):
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
     y = nn.Dense(self.mlp_dim, name='fc1', **inits)(x)
-    y = jax.nn.gelu(y, approximate=False)
+    y = activations.gelu(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return nn.Dense(x.shape[-1], name='fc2', **inits)(y)
 

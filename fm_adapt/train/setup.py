@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -88,6 +88,56 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
   return ModelFns(init_fn, apply_fn, adaptation, load, base)
 
 
+@dataclasses.dataclass
+class TrainFns:
+  """The model, trainable mask, optimizer and (unjitted) update step of a config."""
+  model_fns: ModelFns
+  variables_shape: Any
+  trainable: Any
+  tx: Any
+  update_fn: Callable[..., Any]
+
+
+def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...],
+                    total_steps: int, init_rng: jax.Array) -> TrainFns:
+  """The model (adapted, pretrained), schedule mask, optimizer and update step of a config.
+
+  Args:
+    config: the run config.
+    spec: the dataset spec (`num_classes`, `task`).
+    image_shape: (H, W, C) of one preprocessed example.
+    total_steps: total steps of the learning-rate schedules.
+    init_rng: the key the variables are initialized with (only its shape is used here).
+  """
+  model_fns = build_model(config, spec, image_shape)
+  variables_shape = jax.eval_shape(model_fns.init_fn, init_rng)
+  schedule = config.get("schedule")
+  if model_fns.adaptation is not None:
+    schedule = compose.schedule_for(model_fns.adaptation, schedule)
+  trainable = optim.trainable_mask(variables_shape["params"], schedule)
+  params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
+  tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
+  loss_fn = objectives.get_loss(config.get("loss"), spec.task)
+  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
+  return TrainFns(model_fns, variables_shape, trainable, tx, update)
+
+
+def initial_state(fns: TrainFns, variables: dict[str, Any], mesh: jax.sharding.Mesh,
+                  rules: Any = None) -> dict[str, Any]:
+  """The train state of freshly initialized (sharded) variables: pretrained weights loaded,
+  split into trainable / frozen / model state, optimizer state sharded like the parameters."""
+  if fns.model_fns.load is not None:
+    shardings = jax.tree.map(lambda x: x.sharding, variables)
+    variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
+  params, frozen, model_state = state_lib.split_variables(variables, fns.trainable)
+  fsdp = any(strategy == "fsdp" for _, strategy in (rules or [(".*", "fsdp")]))
+  opt_shardings = mesh_lib.optimizer_shardings(jax.eval_shape(fns.tx.init, params), mesh, fsdp)
+  opt = jax.jit(fns.tx.init, out_shardings=opt_shardings)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
+  return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
+          "step": step}
+
+
 def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
   example = pp_lib.parse(pp)(dict(source[0]), np.random.default_rng(0))
   return tuple(np.shape(example["image"]))
@@ -139,33 +189,17 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   train_loader = loader.make_loader(
       source, pp=config.input.pp, batch_size=batch_size, seed=seed, shuffle=True,
       num_epochs=None, worker_count=config.input.get("worker_count", 0))
-  model_fns = build_model(config, spec, _image_shape(source, config.input.pp))
   # rbg keys: the same quality for init and dropout, and far faster to compile on CPU than
   # threefry when a model has many parameter shapes (EfficientNet-Lite0 init: 35 s -> 15 s).
   init_rng, train_rng = jax.random.split(jax.random.key(seed, impl="rbg"))
-  variables_shape = jax.eval_shape(model_fns.init_fn, init_rng)
-  schedule = config.get("schedule")
-  if model_fns.adaptation is not None:
-    schedule = compose.schedule_for(model_fns.adaptation, schedule)
-  trainable = optim.trainable_mask(variables_shape["params"], schedule)
-  params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
-  tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
-  loss_fn = objectives.get_loss(config.get("loss"), spec.task)
-  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
+  fns = build_train_fns(config, spec, _image_shape(source, config.input.pp), total_steps,
+                        init_rng)
+  model_fns, update = fns.model_fns, fns.update_fn
   rules = config.get("sharding_rules")
 
   def init_state() -> dict[str, Any]:
     variables = state_lib.sharded_init(model_fns.init_fn, init_rng, mesh, rules)
-    if model_fns.load is not None:
-      shardings = jax.tree.map(lambda x: x.sharding, variables)
-      variables = jax.device_put(model_fns.load(jax.device_get(variables)), shardings)
-    params, frozen, model_state = state_lib.split_variables(variables, trainable)
-    fsdp = any(strategy == "fsdp" for _, strategy in (rules or [(".*", "fsdp")]))
-    opt_shardings = mesh_lib.optimizer_shardings(jax.eval_shape(tx.init, params), mesh, fsdp)
-    opt = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
-    return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
-            "step": step}
+    return initial_state(fns, variables, mesh, rules)
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)

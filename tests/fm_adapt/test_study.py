@@ -1,9 +1,7 @@
 """End-to-end study: a base run, an adapted run started from its export, skip and table."""
 import json
-import pathlib
 import textwrap
 
-import numpy as np
 import pytest
 
 from fm_adapt import study
