@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ class Run:
   train_loader: Any
   batch_size: int
   steps_per_epoch: int
+  num_train_examples: int
   total_steps: int
   rng: jax.Array
   init_state: Callable[[], dict[str, Any]]
@@ -183,8 +185,11 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   source, spec = datasets.get_dataset(config.input.data, "train", data_dir)
   batch_size = config.input.batch_size
   _check_batch(batch_size, "config.input.batch_size")
-  steps_per_epoch = max(len(source) // batch_size, 1)
-  total_steps = config.get("total_steps") or int(round(config.total_epochs * steps_per_epoch))
+  # Batches run on across epoch boundaries (nothing is dropped), so `total_epochs` passes over
+  # the data take ceil(epochs * N / batch) steps; "once per epoch" is every ceil(N / batch) steps.
+  steps_per_epoch = max(math.ceil(len(source) / batch_size), 1)
+  total_steps = config.get("total_steps") or max(
+      math.ceil(config.total_epochs * len(source) / batch_size), 1)
   seed = config.get("seed", 0)
   train_loader = loader.make_loader(
       source, pp=config.input.pp, batch_size=batch_size, seed=seed, shuffle=True,
@@ -206,7 +211,8 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}, {steps_per_epoch} "
                      f"steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
-             steps_per_epoch=steps_per_epoch, total_steps=total_steps, rng=train_rng,
+             steps_per_epoch=steps_per_epoch, num_train_examples=len(source),
+             total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,
              evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base,
              adaptation=model_fns.adaptation)

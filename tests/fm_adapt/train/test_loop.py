@@ -132,3 +132,13 @@ def test_same_loss_on_8_devices_as_on_1(devices, mesh, shared_data_dir):
   one = losses(1, "[('data', -1), ('fsdp', 1)]")
   many = losses(devices, mesh)
   np.testing.assert_allclose(many, one, rtol=2e-5)
+
+
+def test_epochs_count_examples_not_whole_batches(shared_data_dir):
+  """2.5 epochs of 3,882 images at batch 128 are ceil(2.5 * 3882 / 128) = 76 steps, not 75."""
+  from experiments import quickstart
+  from fm_adapt.train import setup
+  config = quickstart.get_config("runlocal,data=subset_b")
+  config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 128
+  run = setup.setup_run(config, None)
+  assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, 76)
