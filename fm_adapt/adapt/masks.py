@@ -96,13 +96,15 @@ def count_by_module(trainable: Tree, frozen: Tree, depth: int = 1) -> list[tuple
   """Counts trainable / frozen parameters per module prefix of `depth` path components.
 
   Returns:
-    Rows (module, trainable count, frozen count) sorted by module, plus a 'total' row.
+    Rows (module, trainable count, frozen count) in natural order of the module names
+    ('block_2' before 'block_10'), plus a 'total' row.
   """
   counts: dict[str, list[int]] = {}
   for column, tree in enumerate((trainable, frozen)):
     for path, leaf in flatten(tree).items():
       module = "/".join(path.split("/")[:depth])
       counts.setdefault(module, [0, 0])[column] += int(getattr(leaf, "size", 1))
-  rows = [(m, c[0], c[1]) for m, c in sorted(counts.items())]
+  natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+  rows = [(m, counts[m][0], counts[m][1]) for m in sorted(counts, key=natural)]
   rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
   return rows

@@ -38,3 +38,9 @@ def test_count_by_module():
   selected, rest = masks.split(TREE, masks.make_mask(TREE, "head/.*"))
   rows = masks.count_by_module(selected, rest)
   assert rows == [("encoder", 0, 9), ("head", 8, 0), ("total", 8, 9)]
+
+
+def test_count_by_module_in_natural_order():
+  tree = {"block_10": {"k": np.zeros(3)}, "block_2": {"k": np.zeros(2)}, "head": np.zeros(1)}
+  rows = masks.count_by_module(tree, {})
+  assert [r[0] for r in rows] == ["block_2", "block_10", "head", "total"]
