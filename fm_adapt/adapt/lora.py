@@ -188,7 +188,11 @@ def _lora_forward(module: nn.Module, next_fun: Callable[..., Any], args: tuple, 
   y = next_fun(*args, **kwargs)
   x = _layer_input(module, args[0] if args else kwargs['inputs'])
   x, a, b = nn.dtypes.promote_dtype(x, factors['lora_a'], factors['lora_b'], dtype=module.dtype)
-  delta = (jnp.dot(x, a, precision=module.precision) * scale) @ b
+  # As 2-D [rows, features] dots: the factors' gradients then contract over one axis, which
+  # XLA:CPU runs in place instead of first copying x into a transposed layout.
+  rows = x.reshape(-1, x.shape[-1])
+  delta = ((jnp.dot(rows, a, precision=module.precision) * scale) @ b).reshape(
+      *x.shape[:-1], b.shape[-1])
   _check_shape(module, delta, y)
   return y + delta.astype(y.dtype)
 
