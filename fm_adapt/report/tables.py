@@ -12,11 +12,12 @@ import numpy as np
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value); NaNs are ignored."""
+  """Mean and sample standard deviation (NaN, i.e. undefined, for a single value); NaNs in
+  `values` are ignored."""
   arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
   if arr.size == 0:
     return float("nan"), float("nan")
-  return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+  return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
 
 
 def aggregate(groups: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str],
@@ -35,7 +36,9 @@ def aggregate(groups: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequen
 def _cell(value: Any, digits: int) -> str:
   if isinstance(value, tuple):
     mean, std = value
-    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if math.isnan(mean):
+      return "n/a"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
   if isinstance(value, int) and not isinstance(value, bool):
     return f"{value:,}"
   return str(value)
