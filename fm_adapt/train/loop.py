@@ -169,7 +169,8 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
       rate = (step - timer[1]) * run.batch_size / max(now - timer[0], 1e-9)
       timer = (now, step)
       values = {f"train/{k}": float(v) for k, v in jax.device_get(measurements).items()}
-      values.update({"train/epoch": step * run.batch_size / run.num_train_examples, "train/img_per_sec": rate})
+      epoch = step * run.batch_size / run.num_train_examples
+      values.update({"train/epoch": epoch, "train/img_per_sec": rate})
       writer.write(step, values)
       bar.set_postfix(loss=f"{values['train/loss']:.4f}")
     if step % eval_every == 0 or step == total:
