@@ -8,6 +8,8 @@ An existing checkpoint in --workdir is resumed. Results go to <workdir>/results.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -37,7 +39,15 @@ def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:  # Quiet libraries by default; --verbosity=0 for INFO.
     logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
-  results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  try:
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  except KeyboardInterrupt:
+    print(f"\nInterrupted. Checkpoints are in {_WORKDIR.value}/ckpt; run the same command to "
+          "resume from the last one.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Skip interpreter teardown: XLA threads interrupted mid-compile can crash it. Checkpoints
+    # are atomic (an unfinished one is never restored), as for a killed run.
+    os._exit(130)
   logging.info("Results: %s", results)
   print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)
 

@@ -142,3 +142,20 @@ def test_epochs_count_examples_not_whole_batches(shared_data_dir):
   config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 128
   run = setup.setup_run(config, None)
   assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, 76)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, shared_data_dir):
+  """Ctrl-C mid-training: a one-line hint instead of a traceback, exit status 130."""
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(
+      _main_cmd(workdir, "--config.total_steps=1000", "--config.checkpoint_every=2"),
+      env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and not any(
+      p.name.isdigit() for p in (workdir / "ckpt").glob("*")):
+    time.sleep(0.1)
+  assert proc.poll() is None, "the run ended before it could be interrupted"
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "run the same command to resume" in err and "Traceback" not in err
