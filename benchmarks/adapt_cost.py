@@ -1,7 +1,7 @@
 """Cost of one training step for each adaptation strategy: time, FLOPs, state bytes, memory.
 
-  python -m benchmarks.adapt_cost --out /tmp/bench/adapt_cost                # full run
-  python -m benchmarks.adapt_cost --quick --out /tmp/bench/adapt_cost_quick  # < 1 min smoke run
+  python -m benchmarks.adapt_cost --out workdirs/bench/adapt_cost                # full run
+  python -m benchmarks.adapt_cost --quick --out workdirs/bench/adapt_cost_quick  # < 1 min smoke run
   python -m benchmarks.adapt_cost --models Ti/4@28 --batch 64 --steps 20 --out DIR
 
 Each strategy is built exactly as a training run builds it (`fm_adapt.train.setup.build_model`,

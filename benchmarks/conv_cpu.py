@@ -1,7 +1,7 @@
 """CNN train-step time on XLA:CPU by convolution implementation (`fm_adapt.models.conv`).
 
   python -m benchmarks.conv_cpu                            # both models, median of 5 steps
-  python -m benchmarks.conv_cpu --models resnet18 --steps 3 --out /tmp/bench/conv_cpu
+  python -m benchmarks.conv_cpu --models resnet18 --steps 3 --out workdirs/bench/conv_cpu
 
 For each model and conv_impl ('xla': plain lax convolutions; 'im2col_grad': the custom-gradient
 convolutions) one jitted train step is timed on a fixed random batch: forward in train mode

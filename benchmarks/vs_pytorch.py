@@ -1,7 +1,7 @@
 """Training throughput of fm_adapt against a plain PyTorch eager ViT on the same CPU.
 
-  python -m benchmarks.vs_pytorch --out /tmp/bench/vs_pytorch                # full run
-  python -m benchmarks.vs_pytorch --quick --out /tmp/bench/vs_pytorch_quick  # ~30 s smoke run
+  python -m benchmarks.vs_pytorch --out workdirs/bench/vs_pytorch                # full run
+  python -m benchmarks.vs_pytorch --quick --out workdirs/bench/vs_pytorch_quick  # ~30 s smoke run
   python -m benchmarks.vs_pytorch --models Ti/4@28 --strategies full --rounds 5 --steps 3
 
 For each model and strategy (full fine-tuning; LoRA r=8 on query and value, head trainable):

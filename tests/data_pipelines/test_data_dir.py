@@ -1,5 +1,4 @@
 """Tests of data_pipelines.data_dir: resolution order, errors, writability."""
-import pathlib
 
 import pytest
 
@@ -78,9 +77,3 @@ def test_is_writable(tmp_path):
     assert not data_dir.is_writable(locked / 'tfds')
   finally:
     locked.chmod(0o755)
-
-
-def test_shared_data_dir_counts_as_read_only(shared_data_dir: pathlib.Path):
-  if data_dir.is_writable(shared_data_dir):
-    pytest.skip('The shared data directory is writable here.')
-  assert not data_dir.is_writable(shared_data_dir / 'tfds')

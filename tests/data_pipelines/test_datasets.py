@@ -86,15 +86,6 @@ def test_read_only_data_dir_falls_back_to_cache(tmp_path, shared_data_dir, monke
   assert spec.split_sizes['test'] == 156
 
 
-def test_shared_data_dir_is_left_untouched(shared_data_dir, tmp_path, monkeypatch):
-  if data_dir_lib.is_writable(shared_data_dir):
-    pytest.skip('The shared data directory is writable here.')
-  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-  datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'val', data_dir=shared_data_dir)
-  assert not (shared_data_dir / 'tfds').exists()
-  assert (tmp_path / 'cache' / 'fm_adapt' / 'tfds' / 'medmnist').is_dir()
-
-
 def test_writable_data_dir_builds_inside(tmp_path, shared_data_dir):
   (tmp_path / 'medmnist').mkdir()
   shutil.copy(shared_data_dir / 'medmnist' / 'breastmnist.npz', tmp_path / 'medmnist')
