@@ -126,8 +126,11 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
 
 def initial_state(fns: TrainFns, variables: dict[str, Any], mesh: jax.sharding.Mesh,
                   rules: Any = None) -> dict[str, Any]:
-  """The train state of freshly initialized (sharded) variables: pretrained weights loaded,
-  split into trainable / frozen / model state, optimizer state sharded like the parameters."""
+  """The train state of freshly initialized (sharded) variables.
+
+  Pretrained weights are loaded, the variables split into trainable / frozen / model state, and
+  the optimizer state is sharded like the parameters.
+  """
   if fns.model_fns.load is not None:
     shardings = jax.tree.map(lambda x: x.sharding, variables)
     variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
