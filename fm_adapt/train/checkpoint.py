@@ -65,12 +65,17 @@ class RunCheckpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._best = None
     self.best_metric = best_metric
+    self._best_mode = best_mode
+    self._best_value: float | None = None
     if best_metric:
       self._best = ocp.CheckpointManager(
           workdir / "best", item_handlers={"state": ocp.StandardCheckpointHandler()},
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_mode=best_mode,
               best_fn=lambda metrics: metrics[best_metric]))
+      step = self._best.best_step()
+      if step is not None:  # A resumed run: later evaluations must beat the saved best.
+        self._best_value = float(self._best.metrics(step)[best_metric])
 
   @property
   def directory(self) -> pathlib.Path:
@@ -94,11 +99,31 @@ class RunCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
-  def save_best(self, step: int, weights: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-    """Offers the weights of an evaluation; orbax keeps the best by `best_metric`."""
-    if self._best is not None:
-      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)),
-                      metrics={k: float(v) for k, v in metrics.items()})
+  def _improves(self, value: float) -> bool:
+    if value != value:  # NaN never improves.
+      return False
+    if self._best_value is None:
+      return True
+    return value > self._best_value if self._best_mode == "max" else value < self._best_value
+
+  def save_best(self, step: int, weights: Mapping[str, Any], metrics: Mapping[str, float]) -> bool:
+    """Saves the weights of an evaluation if `best_metric` strictly beats the best so far.
+
+    Only improvements are written (orbax would write every evaluation and then delete the
+    worse ones: on a CPU that costs more than the evaluation itself).
+
+    Returns:
+      Whether the weights were saved.
+    """
+    if self._best is None:
+      return False
+    value = float(metrics[self.best_metric])
+    if not self._improves(value):
+      return False
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)),
+                    metrics={k: float(v) for k, v in metrics.items()})
+    self._best_value = value
+    return True
 
   def best_step(self) -> int | None:
     if self._best is None:

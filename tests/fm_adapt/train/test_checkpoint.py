@@ -26,6 +26,31 @@ def test_roundtrip_and_best(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.parametrize("mode,values,saved", [
+    ("max", [0.7, 0.6, 0.7, float("nan"), 0.8], [True, False, False, False, True]),
+    ("min", [0.7, 0.6, 0.9], [True, True, False]),
+])
+def test_best_writes_only_improvements(tmp_path, mode, values, saved):
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/x", best_mode=mode)
+  weights = {"params": _state(4)["params"]}
+  assert [ckpt.save_best(i, weights, {"val/x": v}) for i, v in enumerate(values)] == saved
+  assert ckpt.best_step() == max(i for i, s in enumerate(saved) if s)
+  ckpt.close()
+
+
+def test_resumed_best_keeps_the_saved_value(tmp_path):
+  weights = {"params": _state(4)["params"]}
+  first = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  first.save_best(3, weights, {"val/auc": 0.7})
+  first.wait()
+  first.close()
+  resumed = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  assert not resumed.save_best(4, weights, {"val/auc": 0.65})
+  assert resumed.save_best(5, weights, {"val/auc": 0.75})
+  assert resumed.best_step() == 5
+  resumed.close()
+
+
 @pytest.mark.parametrize("other,message", [
     (_state(8), r"encoder/block_0/kernel: saved \(4, 4\) vs model \(8, 8\)"),
     (_state(4, blocks=2), r"missing from the checkpoint \(1\): \['params/encoder/block_1/kernel'\]"),
