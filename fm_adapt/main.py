@@ -15,6 +15,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fm_adapt.train import interrupt
 from fm_adapt.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and argument.",
@@ -33,6 +34,16 @@ def format_results(results: dict) -> str:
           f"trainable={results['trainable_params']:,} " + " ".join(parts))
 
 
+def _exit_now(status: int) -> None:
+  """Exits without interpreter teardown, which XLA threads stopped mid-compile can crash.
+
+  Checkpoints are atomic (an unfinished one is never restored), as for a killed run.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
 def main(argv) -> None:
   del argv
   flags.mark_flags_as_required(["config", "workdir"])
@@ -41,13 +52,14 @@ def main(argv) -> None:
   start = time.perf_counter()
   try:
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  except interrupt.Stopped as stopped:
+    print(f"\nStopped at step {stopped.step}; its checkpoint is in {_WORKDIR.value}/ckpt: run the "
+          "same command to resume from it.", file=sys.stderr, flush=True)
+    _exit_now(stopped.exit_status)
   except KeyboardInterrupt:
     print(f"\nInterrupted. Checkpoints are in {_WORKDIR.value}/ckpt; run the same command to "
           "resume from the last one.", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Skip interpreter teardown: XLA threads interrupted mid-compile can crash it. Checkpoints
-    # are atomic (an unfinished one is never restored), as for a killed run.
-    os._exit(130)
+    _exit_now(130)
   logging.info("Results: %s", results)
   print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)
 

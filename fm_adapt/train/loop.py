@@ -23,6 +23,7 @@ from fm_adapt.adapt import masks
 from fm_adapt.weights import native
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
+from fm_adapt.train import interrupt
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import setup as setup_lib
 from fm_adapt.train import writer as writer_lib
@@ -149,11 +150,22 @@ def jit_update(update_fn, state: Mapping[str, Any], mesh: jax.sharding.Mesh):
 
 def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) -> None:
   total = run.total_steps
+  bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                  disable=not config.get("progress", True) or jax.process_index() != 0)
+  with interrupt.StopOnSignal() as stop:
+    state = _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar, stop)
+  writer.flush()
+  bar.close()
+  run.final_state = state
+
+
+def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: int, bar,
+                 stop: interrupt.StopOnSignal):
+  """Steps `start + 1 .. total`: log, evaluate, checkpoint; a stop request saves and raises."""
+  total = run.total_steps
   log_every = config.get("log_every", 50) or 50
   eval_every = config.get("eval_every", 0) or run.steps_per_epoch
   ckpt_every = config.get("checkpoint_every", 0) or run.steps_per_epoch
-  bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                  disable=not config.get("progress", True) or jax.process_index() != 0)
   previous = None  # (step, loss array): checked one step late to keep dispatch asynchronous.
   timer = (time.perf_counter(), start)
   for step in range(start + 1, total + 1):
@@ -163,6 +175,12 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
       _check_finite(float(previous[1]), previous[0])
     previous = (step, measurements["loss"])
     bar.update(1)
+    if stop.signum is not None and step < total:
+      _check_finite(float(measurements["loss"]), step)
+      ckpt.save(step, _saved(state), _data_state(iterator, run))
+      ckpt.wait()
+      bar.close()
+      raise interrupt.Stopped(step, stop.signum)
     if step % log_every == 0 or step == total:
       _check_finite(float(measurements["loss"]), step)
       now = time.perf_counter()
@@ -183,9 +201,7 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
           f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/auc", "/acc"))))
     if step % ckpt_every == 0 or step == total:
       ckpt.save(step, _saved(state), _data_state(iterator, run))
-  writer.flush()
-  bar.close()
-  run.final_state = state
+  return state
 
 
 def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any) -> pathlib.Path:

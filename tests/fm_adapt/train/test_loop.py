@@ -144,18 +144,25 @@ def test_epochs_count_examples_not_whole_batches(shared_data_dir):
   assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, 76)
 
 
-def test_ctrl_c_says_how_to_resume(tmp_path, shared_data_dir):
-  """Ctrl-C mid-training: a one-line hint instead of a traceback, exit status 130."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, shared_data_dir, signum):
+  """Ctrl-C / SIGTERM mid-training: a checkpoint of that step, a one-line hint, status 128+N."""
   workdir = tmp_path / "w"
   proc = subprocess.Popen(
-      _main_cmd(workdir, "--config.total_steps=1000", "--config.checkpoint_every=2"),
+      _main_cmd(workdir, "--config.total_steps=1000", "--config.checkpoint_every=1000",
+                "--config.log_every=1"),
       env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None and not any(
-      p.name.isdigit() for p in (workdir / "ckpt").glob("*")):
+  while time.time() < deadline and proc.poll() is None and not (
+      metrics.exists() and metrics.read_text().strip()):
     time.sleep(0.1)
   assert proc.poll() is None, "the run ended before it could be interrupted"
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 130, err[-3000:]
+  assert proc.returncode == 128 + signum, err[-3000:]
   assert "run the same command to resume" in err and "Traceback" not in err
+  stopped = int(err.split("Stopped at step ")[1].split(";")[0])
+  assert [p.name for p in (workdir / "ckpt").glob("*") if p.name.isdigit()] == [str(stopped)]
+  state = ocp.StandardCheckpointer().restore(workdir / "ckpt" / str(stopped) / "state")
+  assert int(state["step"]) == stopped

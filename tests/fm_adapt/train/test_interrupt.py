@@ -1,0 +1,29 @@
+"""Signals during training become stop requests; a second Ctrl-C stops at once."""
+import os
+import signal
+
+import pytest
+
+from fm_adapt.train import interrupt
+
+
+def test_signal_becomes_a_request_and_handlers_are_restored():
+  before = signal.getsignal(signal.SIGTERM)
+  with interrupt.StopOnSignal() as stop:
+    assert stop.signum is None
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signum == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_second_ctrl_c_raises_at_once():
+  with interrupt.StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_stopped_exit_status():
+  assert interrupt.Stopped(7, signal.SIGTERM).exit_status == 143
+  assert interrupt.Stopped(7, signal.SIGINT).exit_status == 130
