@@ -8,8 +8,6 @@ An existing checkpoint in --workdir is resumed. Results go to <workdir>/results.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -34,16 +32,6 @@ def format_results(results: dict) -> str:
           f"trainable={results['trainable_params']:,} " + " ".join(parts))
 
 
-def _exit_now(status: int) -> None:
-  """Exits without interpreter teardown, which XLA threads stopped mid-compile can crash.
-
-  Checkpoints are atomic (an unfinished one is never restored), as for a killed run.
-  """
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(status)
-
-
 def main(argv) -> None:
   del argv
   flags.mark_flags_as_required(["config", "workdir"])
@@ -52,14 +40,8 @@ def main(argv) -> None:
   start = time.perf_counter()
   try:
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
-  except interrupt.Stopped as stopped:
-    print(f"\nStopped at step {stopped.step}; its checkpoint is in {_WORKDIR.value}/ckpt: run the "
-          "same command to resume from it.", file=sys.stderr, flush=True)
-    _exit_now(stopped.exit_status)
-  except KeyboardInterrupt:
-    print(f"\nInterrupted. Checkpoints are in {_WORKDIR.value}/ckpt; run the same command to "
-          "resume from the last one.", file=sys.stderr, flush=True)
-    _exit_now(130)
+  except KeyboardInterrupt as error:  # interrupt.Stopped too: its checkpoint is saved.
+    interrupt.exit_with_resume_hint(error, _WORKDIR.value)
   logging.info("Results: %s", results)
   print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)
 

@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from fm_adapt.report import tables
-from fm_adapt.train import loop, writer as writer_lib
+from fm_adapt.train import interrupt, loop, writer as writer_lib
 
 METRICS = ("test/auc", "test/acc", "val/auc")
 
@@ -144,7 +144,11 @@ def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  print(run_study(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value), flush=True)
+  try:
+    table = run_study(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
+    interrupt.exit_with_resume_hint(error, _WORKDIR.value)
+  print(table, flush=True)
 
 
 if __name__ == "__main__":

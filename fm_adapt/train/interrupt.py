@@ -8,9 +8,12 @@ a lone save would hang the others, so there the default behaviour is kept.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from types import FrameType
+from typing import NoReturn
 
 import jax
 
@@ -54,3 +57,26 @@ class StopOnSignal:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+
+
+def exit_with_resume_hint(error: KeyboardInterrupt, workdir: str) -> NoReturn:
+  """Says how to resume a run (or study) stopped by `error`, then exits at once.
+
+  The exit skips interpreter teardown, which XLA threads stopped mid-compile can crash;
+  checkpoints are atomic (an unfinished one is never restored), as for a killed run.
+
+  Args:
+    error: the `Stopped` (checkpoint saved) or plain `KeyboardInterrupt` that ended the work.
+    workdir: the `--workdir` of the command, named in the hint.
+  """
+  if isinstance(error, Stopped):
+    message = (f"Stopped at step {error.step}; its checkpoint is in {workdir}: run the same "
+               "command to resume from it.")
+    status = error.exit_status
+  else:
+    message = (f"Interrupted. Checkpoints are in {workdir}; run the same command to resume "
+               "from the last one.")
+    status = 128 + signal.SIGINT
+  print("\n" + message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)

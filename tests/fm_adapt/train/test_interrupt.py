@@ -27,3 +27,14 @@ def test_second_ctrl_c_raises_at_once():
 def test_stopped_exit_status():
   assert interrupt.Stopped(7, signal.SIGTERM).exit_status == 143
   assert interrupt.Stopped(7, signal.SIGINT).exit_status == 130
+
+
+def test_exit_with_resume_hint(monkeypatch, capsys):
+  statuses = []
+  monkeypatch.setattr(interrupt.os, "_exit", statuses.append)
+  interrupt.exit_with_resume_hint(interrupt.Stopped(7, signal.SIGTERM), "w")
+  interrupt.exit_with_resume_hint(KeyboardInterrupt(), "w")
+  err = capsys.readouterr().err
+  assert statuses == [143, 130]
+  assert "Stopped at step 7; its checkpoint is in w: run the same command" in err
+  assert "Interrupted. Checkpoints are in w; run the same command" in err
