@@ -179,6 +179,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       _check_finite(float(measurements["loss"]), step)
       ckpt.save(step, _saved(state), _data_state(iterator, run))
       ckpt.wait()
+      writer.flush()
       bar.close()
       raise interrupt.Stopped(step, stop.signum)
     if step % log_every == 0 or step == total:
