@@ -153,9 +153,11 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) ->
   bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                   disable=not config.get("progress", True) or jax.process_index() != 0)
   with interrupt.StopOnSignal() as stop:
-    state = _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar, stop)
-  writer.flush()
-  bar.close()
+    try:
+      state = _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar, stop)
+    finally:
+      writer.flush()
+      bar.close()
   run.final_state = state
 
 
@@ -179,8 +181,6 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       _check_finite(float(measurements["loss"]), step)
       ckpt.save(step, _saved(state), _data_state(iterator, run))
       ckpt.wait()
-      writer.flush()
-      bar.close()
       raise interrupt.Stopped(step, stop.signum)
     if step % log_every == 0 or step == total:
       _check_finite(float(measurements["loss"]), step)
