@@ -62,7 +62,12 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 # The ops: `_name(example, rng, **validated_args)`, made by the factories of `PP_OPS`.
 
 
-def _resize(example: Example, rng: np.random.Generator, *, size: tuple[int, int]) -> Example:
+_RESAMPLING = {'bilinear': Image.Resampling.BILINEAR, 'nearest': Image.Resampling.NEAREST,
+               'bicubic': Image.Resampling.BICUBIC}
+
+
+def _resize(example: Example, rng: np.random.Generator, *, size: tuple[int, int],
+            method: str) -> Example:
   del rng
   image = _image_2d(example, 'resize')
   if image.shape[:2] == size:
@@ -72,7 +77,7 @@ def _resize(example: Example, rng: np.random.Generator, *, size: tuple[int, int]
   for c in range(image.shape[-1]):
     plane = Image.fromarray(np.ascontiguousarray(  # Mode 'L' for uint8, 'F' for float32.
         image[..., c] if uint8 else image[..., c].astype(np.float32)))
-    channels.append(np.asarray(plane.resize((size[1], size[0]), Image.Resampling.BILINEAR)))
+    channels.append(np.asarray(plane.resize((size[1], size[0]), _RESAMPLING[method])))
   return _with_image(example, np.stack(channels, axis=-1))
 
 
@@ -150,9 +155,17 @@ def _to_float(example: Example, rng: np.random.Generator) -> Example:
 # Factories: check the arguments of the pp string and bind them.
 
 
-def resize(size: int | Sequence[int]) -> Op:
-  """Bilinear resize to `size` (int or (height, width)); uint8 stays uint8, float -> float32."""
-  return functools.partial(_resize, size=_size2(size, 'resize'))
+def resize(size: int | Sequence[int], method: str = 'bilinear') -> Op:
+  """Resize to `size` (int or (height, width)) with PIL; uint8 stays uint8, float -> float32.
+
+  Args:
+    size: the output size.
+    method: 'bilinear' (default), 'nearest' (pixel replication; what the MedMNIST v2 code uses
+      to go from 28 to 224 px) or 'bicubic'.
+  """
+  if method not in _RESAMPLING:
+    raise ValueError(f'resize: unknown method {method!r}; valid: {sorted(_RESAMPLING)}.')
+  return functools.partial(_resize, size=_size2(size, 'resize'), method=method)
 
 
 def center_crop(size: int | Sequence[int]) -> Op:

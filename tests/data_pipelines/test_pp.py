@@ -171,7 +171,7 @@ def test_pickles_as_its_string(images):
 @pytest.mark.parametrize('pp_string, message', [
     ('resize(64)|sharpen', "Unknown pp op 'sharpen'.*valid names: .*'center_crop'"),
     ('resize', 'missing a required argument'),
-    ('resize(1, 2)', r'too many positional arguments.*resize\(size\)'),
+    ('resize(1, 2, 3)', r'too many positional arguments.*resize\(size, method='),
     ('resize(0)', 'positive int'),
     ('resize(64.5)', 'positive int'),
     ('random_crop(28, pad=-1)', 'pad must be'),
@@ -192,3 +192,15 @@ def test_volume_value_ops_and_2d_only_errors():
   assert out.shape == volume.shape
   with pytest.raises(ValueError, match='2D images'):
     run('flip_lr', volume)
+
+
+def test_resize_nearest_replicates_pixels_like_medmnist_v2(images):
+  """28 -> 224 with 'nearest' is 8x8 pixel replication (the official MedMNIST v2 resize)."""
+  out = run("resize(224, method='nearest')", images['grey'])['image']
+  assert out.dtype == np.uint8 and out.shape == (224, 224, 1)
+  np.testing.assert_array_equal(out, np.repeat(np.repeat(images['grey'], 8, 0), 8, 1))
+
+
+def test_resize_unknown_method_names_the_valid_ones():
+  with pytest.raises(ValueError, match="unknown method 'lanczos'.*nearest"):
+    pp.parse("resize(64, method='lanczos')")
