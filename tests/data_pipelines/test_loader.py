@@ -178,3 +178,62 @@ def test_worker_process_gives_the_same_batches(breast_train):
   for (a_image, a_label), (b_image, b_label) in zip(in_process, in_worker):
     np.testing.assert_array_equal(a_image, b_image)
     np.testing.assert_array_equal(a_label, b_label)
+
+
+def epoch_batches(source, n, **kwargs):
+  defaults = dict(pp='', batch_size=8, seed=0)
+  it = iter(loader.make_epoch_loader(source, **{**defaults, **kwargs}))
+  return [next(it) for _ in range(n)]
+
+
+def test_epoch_loader_pads_the_last_batch_of_every_epoch():
+  """30 examples, batch 8: 4 batches an epoch, the 4th with 6 real rows (as PyTorch's 8,8,8,6)."""
+  batches = epoch_batches(indexed_source(30), 8, shuffle=True, seed=3)
+  assert all(b['label'].shape == (8,) for b in batches)
+  assert [int(b['mask'].sum()) for b in batches] == [8, 8, 8, 6] * 2
+  first, second = labels_of(batches[:4]), labels_of(batches[4:])
+  assert sorted(first) == sorted(second) == list(range(30))  # Every example once an epoch.
+  assert first != second  # A new permutation every epoch.
+  assert not batches[3]['mask'][6:].any()
+
+
+def test_epoch_loader_is_seeded_and_unshuffled_keeps_order():
+  a = labels_of(epoch_batches(indexed_source(20), 6, seed=5))
+  b = labels_of(epoch_batches(indexed_source(20), 6, seed=5))
+  c = labels_of(epoch_batches(indexed_source(20), 6, seed=6))
+  assert a == b and a != c
+  assert labels_of(epoch_batches(indexed_source(20), 3, shuffle=False)) == list(range(20))
+
+
+def test_epoch_loader_processes_share_the_global_batch_and_augmentation(monkeypatch):
+  pp_string = 'random_crop(3)|flip_lr'
+  whole = epoch_batches(indexed_source(37), 10, batch_size=8, seed=4, pp=pp_string)
+  per_process = []
+  for index in range(2):
+    fake_processes(monkeypatch, index, 2)
+    per_process.append(epoch_batches(indexed_source(37), 10, batch_size=8, seed=4,
+                                     pp=pp_string))
+  for step, want in enumerate(whole):
+    got = [per_process[p][step] for p in range(2)]
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+
+
+def test_epoch_loader_state_resumes_across_epochs():
+  kwargs = dict(pp='random_crop(3)|flip_lr', batch_size=8, seed=2)
+  it = iter(loader.make_epoch_loader(indexed_source(30), **kwargs))
+  for _ in range(6):  # Into the second epoch.
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(4)]
+  resumed = iter(loader.make_epoch_loader(indexed_source(30), **kwargs))
+  resumed.set_state(state)
+  for expected in want:
+    got = next(resumed)
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_epoch_loader_refuses_an_empty_source():
+  with pytest.raises(ValueError, match='no examples'):
+    loader.make_epoch_loader([], pp='', batch_size=8, seed=0)
