@@ -13,6 +13,15 @@ PyTorch (and imported torchvision weights) also for stride 2. BatchNorm uses mom
 epsilon 1e-5 (PyTorch's momentum=0.1 in the other convention) and keeps its running statistics
 in the 'batch_stats' collection: call `apply(..., train=True, mutable=['batch_stats'])` in
 training. Parameters are float32; `dtype` sets the compute dtype; logits are float32.
+
+`mask` ([B] bool, True for real examples) keeps padded rows of a batch out of the BatchNorm
+statistics, so a padded last batch trains exactly as the short batch it stands for.
+
+Initialisation (`weight_init`): 'torchvision' is torchvision's ResNet (convs kaiming-normal fan-out,
+the linear head PyTorch's default); 'pytorch' is PyTorch's layer defaults everywhere
+(kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)), for convs and the head, the head
+bias U(+-1/sqrt(fan_in))), which is what the MedMNIST v2 28-px ResNets get (their `models.py`
+sets no initialiser). BatchNorm starts at scale 1, bias 0 in both.
 """
 import functools
 from typing import Any
@@ -26,17 +35,26 @@ from fm_adapt.models import conv
 Array = jax.Array
 
 STEMS = ('cifar', 'imagenet')
-# Conv init of torchvision: kaiming normal, fan_out, ReLU gain.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# PyTorch's default for Conv2d / Linear weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+_PYTORCH_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# Conv init: torchvision's kaiming normal, fan_out, ReLU gain; or PyTorch's default.
+CONV_INITS = {'torchvision': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+              'pytorch': _PYTORCH_DEFAULT}
+
+
+def _pytorch_bias_init(fan_in: int):
+  """PyTorch's Linear bias default, U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-          conv_impl: str = 'auto') -> conv.Conv:
+          conv_impl: str = 'auto', weight_init: str = 'torchvision') -> conv.Conv:
   """Bias-free conv with PyTorch-style symmetric padding (an nn.Conv, see `conv.Conv`)."""
   pad = kernel // 2
   return conv.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                   kernel_init=_CONV_INIT, name=name, conv_impl=conv_impl)
+                   kernel_init=CONV_INITS[weight_init], name=name, conv_impl=conv_impl)
 
 
 def _norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.BatchNorm:
@@ -44,6 +62,20 @@ def _norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Ba
   scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       dtype=dtype, scale_init=scale_init, name=name)
+
+
+def _normalize(bn: nn.BatchNorm, x: Array, mask: Array | None) -> Array:
+  """Applies `bn`; in training, rows where `mask` [B] is False stay out of its statistics."""
+  if mask is None or bn.use_running_average:
+    return bn(x)
+  return bn(x, mask=jnp.broadcast_to(mask.reshape(-1, *([1] * (x.ndim - 1))), x.shape))
+
+
+def _masked_norm(train: bool, dtype: Any, mask: Array | None, name: str,
+                 zero_scale: bool = False):
+  """`_norm` as a function of x that keeps the rows where `mask` is False out of the statistics."""
+  bn = _norm(train, dtype, name, zero_scale)
+  return lambda x: _normalize(bn, x, mask)
 
 
 class BasicBlock(nn.Module):
@@ -55,18 +87,21 @@ class BasicBlock(nn.Module):
     zero_init_residual: initialize bn2's scale to zero so the block starts as identity.
     dtype: compute dtype.
     conv_impl: convolution implementation, see `conv.Conv`.
+    weight_init: 'torchvision' or 'pytorch' conv initialisation, see the module docstring.
   """
   features: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  weight_init: str = 'torchvision'
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Applies the block to x [B, H, W, C]."""
-    norm = functools.partial(_norm, train, self.dtype)
-    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `_normalize`)."""
+    norm = functools.partial(_masked_norm, train, self.dtype, mask)
+    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl,
+                                  weight_init=self.weight_init)
     y = nn.relu(norm('bn1')(make_conv(self.features, 3, self.stride, name='conv1')(x)))
     y = make_conv(self.features, 3, 1, name='conv2')(y)
     y = norm('bn2', zero_scale=self.zero_init_residual)(y)
@@ -82,18 +117,21 @@ class Bottleneck(nn.Module):
     zero_init_residual: initialize bn3's scale to zero so the block starts as identity.
     dtype: compute dtype.
     conv_impl: convolution implementation, see `conv.Conv`.
+    weight_init: 'torchvision' or 'pytorch' conv initialisation, see the module docstring.
   """
   features: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  weight_init: str = 'torchvision'
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Applies the block to x [B, H, W, C]."""
-    norm = functools.partial(_norm, train, self.dtype)
-    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `_normalize`)."""
+    norm = functools.partial(_masked_norm, train, self.dtype, mask)
+    make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl,
+                                  weight_init=self.weight_init)
     out_features = 4 * self.features
     y = nn.relu(norm('bn1')(make_conv(self.features, 1, 1, name='conv1')(x)))
     y = nn.relu(norm('bn2')(make_conv(self.features, 3, self.stride, name='conv2')(y)))
@@ -129,18 +167,21 @@ class Stem(nn.Module):
     width: output channels.
     dtype: compute dtype.
     conv_impl: convolution implementation, see `conv.Conv`.
+    weight_init: 'torchvision' or 'pytorch' conv initialisation, see the module docstring.
   """
   kind: str
   width: int
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  weight_init: str = 'torchvision'
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Applies the stem to images x [B, H, W, C]."""
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """Applies the stem to images x [B, H, W, C]; `mask` [B] marks the real rows."""
     kernel, stride = (3, 1) if self.kind == 'cifar' else (7, 2)
-    x = _conv(self.width, kernel, stride, self.dtype, 'conv', self.conv_impl)(x)
-    x = nn.relu(_norm(train, self.dtype, 'bn')(x))
+    x = _conv(self.width, kernel, stride, self.dtype, 'conv', self.conv_impl,
+              self.weight_init)(x)
+    x = nn.relu(_masked_norm(train, self.dtype, mask, 'bn')(x))
     if self.kind == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return x
@@ -157,6 +198,7 @@ class Stage(nn.Module):
     zero_init_residual: see the block classes.
     dtype: compute dtype.
     conv_impl: convolution implementation, see `conv.Conv`.
+    weight_init: 'torchvision' or 'pytorch' conv initialisation, see the module docstring.
   """
   block_cls: type[nn.Module]
   num_blocks: int
@@ -165,14 +207,16 @@ class Stage(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  weight_init: str = 'torchvision'
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Applies the blocks to x [B, H, W, C]."""
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """Applies the blocks to x [B, H, W, C]; `mask` [B] marks the real rows."""
     for b in range(self.num_blocks):
       x = self.block_cls(features=self.features, stride=self.stride if b == 0 else 1,
                          zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                         conv_impl=self.conv_impl, name=f'block_{b}')(x, train)
+                         conv_impl=self.conv_impl, weight_init=self.weight_init,
+                         name=f'block_{b}')(x, train, mask)
     return x
 
 
@@ -189,6 +233,8 @@ class Model(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN statistics stay float32.
     conv_impl: convolution implementation of every conv: 'auto' (fast weight gradients on
       CPU, plain XLA elsewhere), 'xla' or 'im2col_grad'; see `fm_adapt.models.conv`.
+    weight_init: 'torchvision' (torchvision's ResNet) or 'pytorch' (PyTorch's layer defaults, the
+      MedMNIST v2 28-px ResNet); see the module docstring.
   """
   num_classes: int
   depth: int = 18
@@ -197,22 +243,29 @@ class Model(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
+  weight_init: str = 'torchvision'
 
   def _check_config(self) -> None:
-    """Raises ValueError on an invalid depth or stem."""
+    """Raises ValueError on an invalid depth, stem or init."""
     if self.depth not in DEPTHS:
       raise ValueError(f'Unknown ResNet depth {self.depth}; valid: {sorted(DEPTHS)}.')
     if self.stem not in STEMS:
       raise ValueError(f'Unknown ResNet stem {self.stem!r}; valid: {list(STEMS)}.')
+    if self.weight_init not in CONV_INITS:
+      raise ValueError(f'Unknown ResNet weight_init {self.weight_init!r}; '
+                       f'valid: {sorted(CONV_INITS)}.')
 
   @nn.compact
-  def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, image: Array, *, train: bool = False,
+               mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Runs the model.
 
     Args:
       image: float images [B, H, W, C].
       train: use batch statistics and update the running ones (pass
         mutable=['batch_stats'] to `apply`); otherwise use the running statistics.
+      mask: optional bool [B], False for padding rows, which then take no part in the batch
+        statistics (their outputs are computed but meaningless).
 
     Returns:
       (logits, out) where out holds 'features' (the last feature map [B, h, w, F]),
@@ -222,14 +275,17 @@ class Model(nn.Module):
     if image.ndim != 4:
       raise ValueError(f'ResNet expects images [B, H, W, C], got shape {image.shape}.')
     block_cls, stage_sizes = DEPTHS[self.depth]
-    x = Stem(self.stem, self.width, self.dtype, self.conv_impl, name='stem')(image, train)
+    x = Stem(self.stem, self.width, self.dtype, self.conv_impl, self.weight_init,
+             name='stem')(image, train, mask)
     for s, num_blocks in enumerate(stage_sizes):
       x = Stage(block_cls, num_blocks, self.width * 2**s, stride=1 if s == 0 else 2,
                 zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                conv_impl=self.conv_impl, name=f'stage_{s}')(x, train)
+                conv_impl=self.conv_impl, weight_init=self.weight_init,
+                name=f'stage_{s}')(x, train, mask)
     out = {'features': x}
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    if self.num_classes:  # PyTorch's nn.Linear default (torchvision keeps it for the head).
+      x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_PYTORCH_DEFAULT,
+                   bias_init=_pytorch_bias_init(x.shape[-1]), name='head')(x)
     logits = out['logits'] = x.astype(jnp.float32)
     return logits, out

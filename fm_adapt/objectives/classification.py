@@ -42,14 +42,30 @@ def logit_adjusted_xent(logits, labels, mask, *, class_priors: Sequence[float],
   return softmax_xent(logits.astype(jnp.float32) + adjustment, labels, mask)
 
 
-def sigmoid_xent(logits, labels, mask, *, pos_weight: Sequence[float] | None = None) -> jax.Array:
-  """Sigmoid cross-entropy for multi-hot labels, summed over labels, mean over examples."""
+LABEL_REDUCTIONS = ("mean", "sum")
+
+
+def sigmoid_xent(logits, labels, mask, *, pos_weight: Sequence[float] | None = None,
+                 label_reduction: str = "mean") -> jax.Array:
+  """Sigmoid cross-entropy for multi-hot labels, mean over examples.
+
+  Args:
+    logits: [B, L].
+    labels: multi-hot [B, L].
+    mask: [B] bool, the real examples.
+    pos_weight: optional [L] weights of the positive term (PyTorch's `pos_weight`).
+    label_reduction: 'mean' over labels (PyTorch's BCEWithLogitsLoss, the MedMNIST v2 loss) or
+      'sum' (L times larger gradients).
+  """
+  if label_reduction not in LABEL_REDUCTIONS:
+    raise ValueError(f"Unknown label_reduction {label_reduction!r}; valid: {list(LABEL_REDUCTIONS)}")
   labels = labels.astype(jnp.float32)
   log_p = jax.nn.log_sigmoid(logits.astype(jnp.float32))
   log_not_p = jax.nn.log_sigmoid(-logits.astype(jnp.float32))
   weight = 1.0 if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
-  losses = -jnp.sum(weight * labels * log_p + (1.0 - labels) * log_not_p, axis=-1)
-  return _masked_mean(losses, mask)
+  per_label = -(weight * labels * log_p + (1.0 - labels) * log_not_p)
+  reduce = jnp.mean if label_reduction == "mean" else jnp.sum
+  return _masked_mean(reduce(per_label, axis=-1), mask)
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {

@@ -18,7 +18,7 @@ import optax
 
 from fm_adapt.adapt import masks
 
-# apply_fn(params, model_state, images, *, train, rng) -> (logits, out, new_model_state)
+# apply_fn(params, model_state, images, *, train, rng, mask=None) -> (logits, out, new_model_state)
 ApplyFn = Callable[..., tuple[jax.Array, dict[str, Any], dict[str, Any]]]
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -41,7 +41,7 @@ def make_update_fn(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransfo
     def loss_of(params):
       full = masks.merge(params, state["frozen"])
       logits, _, new_model_state = apply_fn(full, state["model_state"], batch["image"],
-                                            train=True, rng=step_rng)
+                                            train=True, rng=step_rng, mask=batch["mask"])
       return loss_fn(logits, batch["label"], batch["mask"]), new_model_state
 
     (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])

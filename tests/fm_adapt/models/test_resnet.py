@@ -197,3 +197,41 @@ def test_matches_torch_oracle(depth, stem, size):
   logits, _ = jax.jit(model.apply)(variables, image)
   expected = _torch_resnet(variables, image, depth, stem)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pytorch_default_init_matches_torch_layer_defaults():
+  """weight_init='pytorch' draws convs and the head as torch.nn's defaults do (the MedMNIST v2
+  28-px ResNet sets no initialiser): U(+-1/sqrt(fan_in)), head bias too."""
+  torch = pytest.importorskip('torch')
+  model = resnet.Model(num_classes=3, weight_init='pytorch')
+  rng = jax.random.key(0, impl='unsafe_rbg')
+  params = jax.jit(model.init)(rng, np.ones((1, 28, 28, 1), np.float32))['params']
+  torch.manual_seed(0)
+  pairs = [(params['stem']['conv']['kernel'], torch.nn.Conv2d(1, 64, 3, bias=False).weight),
+           (params['stage_2']['block_0']['conv1']['kernel'],
+            torch.nn.Conv2d(128, 256, 3, bias=False).weight),
+           (params['head']['kernel'], torch.nn.Linear(512, 3).weight),
+           (params['head']['bias'], torch.nn.Linear(512, 3).bias)]
+  for ours, theirs in pairs:
+    theirs = theirs.detach().numpy()
+    bound = np.abs(theirs).max()
+    assert np.abs(ours).max() <= bound * 1.01 + 1e-6
+    assert np.abs(ours).max() >= 0.5 * bound
+    if ours.size > 100:  # Same spread (uniform: std = bound / sqrt(3)).
+      np.testing.assert_allclose(np.std(ours), np.std(theirs), rtol=0.1)
+
+
+def test_torchvision_init_is_wider_than_pytorch_default():
+  """torchvision's kaiming-normal fan-out convs are ~1.7-2.4x the PyTorch default's scale."""
+  rng = jax.random.key(0, impl='unsafe_rbg')
+  stds = {}
+  for weight_init in ('torchvision', 'pytorch'):
+    model = resnet.Model(num_classes=3, weight_init=weight_init)
+    params = jax.jit(model.init)(rng, np.ones((1, 28, 28, 1), np.float32))['params']
+    stds[weight_init] = float(np.std(params['stage_1']['block_0']['conv2']['kernel']))
+  assert 1.5 < stds['torchvision'] / stds['pytorch'] < 2.6
+
+
+def test_unknown_weight_init_names_the_valid_ones():
+  with pytest.raises(ValueError, match=r"weight_init 'he'.*\['pytorch', 'torchvision'\]"):
+    _abstract(resnet.Model(num_classes=3, weight_init='he'), (1, 16, 16, 3))

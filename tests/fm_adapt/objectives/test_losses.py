@@ -18,9 +18,24 @@ def test_softmax_xent_masked_mean():
 def test_sigmoid_xent_matches_optax():
   logits = jnp.array([[1.0, -2.0, 0.5]])
   labels = jnp.array([[1, 0, 1]])
-  expected = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).sum()
-  got = objectives.sigmoid_xent(logits, labels, jnp.array([True]))
-  assert float(got) == pytest.approx(float(expected), rel=1e-6)
+  per_label = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+  got = objectives.sigmoid_xent(logits, labels, jnp.array([True]), label_reduction="sum")
+  assert float(got) == pytest.approx(float(per_label.sum()), rel=1e-6)
+
+
+def test_sigmoid_xent_default_is_torch_bce_with_logits_mean():
+  """The default is PyTorch's BCEWithLogitsLoss(): mean over labels and real examples."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 14)).astype(np.float32)
+  labels = rng.integers(0, 2, (6, 14))
+  mask = np.array([True] * 4 + [False] * 2)
+  want = torch.nn.BCEWithLogitsLoss()(torch.tensor(logits[:4]), torch.tensor(labels[:4]).float())
+  got = objectives.sigmoid_xent(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  with pytest.raises(ValueError, match="label_reduction 'max'"):
+    objectives.sigmoid_xent(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask),
+                            label_reduction="max")
 
 
 def test_logit_adjustment_shifts_by_log_prior():
