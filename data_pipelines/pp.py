@@ -261,6 +261,22 @@ PP_OPS: dict[str, Callable[..., Op]] = {
     'to_float': to_float,
 }
 
+# Whether each op draws from its rng (an augmentation). Every op of PP_OPS declares it: evaluation
+# drops the random ops of the training pp (`drop_random`) and refuses an eval pp with one
+# (`check_deterministic`).
+RANDOM_OPS: dict[str, bool] = {
+    'resize': False,
+    'center_crop': False,
+    'random_crop': True,
+    'gray_to_rgb': False,
+    'value_range': False,
+    'normalize': False,
+    'flip_lr': True,
+    'flip_ud': True,
+    'rot90': True,
+    'to_float': False,
+}
+
 _OP_RE = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\((.*)\))?\s*$', re.DOTALL)
 
 
@@ -295,6 +311,9 @@ def _make_op(spec: str) -> Op:
   name = match.group(1)
   if name not in PP_OPS:
     raise ValueError(f'Unknown pp op {name!r} in {spec!r}; valid names: {sorted(PP_OPS)}.')
+  if name not in RANDOM_OPS:
+    raise ValueError(f'pp op {name!r} does not declare whether it is random: add it to '
+                     'data_pipelines.pp.RANDOM_OPS.')
   factory = PP_OPS[name]
   args, kwargs = _parse_args(spec, f'f({match.group(3) or ""})')
   try:
@@ -337,3 +356,36 @@ def parse(pp_string: str) -> Callable[[Example, np.random.Generator], Example]:
   if not isinstance(pp_string, str):
     raise ValueError(f'pp must be a string like "resize(64)|value_range(-1,1)"; got {pp_string!r}.')
   return Pipeline(pp_string)
+
+
+def _op_specs(pp_string: str) -> list[tuple[str, str]]:
+  """(name, spec text) of each op of a pp string, after checking that the whole string parses."""
+  parse(pp_string)
+  specs = [s.strip() for s in pp_string.split('|') if s.strip()]
+  return [(_OP_RE.match(spec).group(1), spec) for spec in specs]
+
+
+def random_ops(pp_string: str) -> list[str]:
+  """The random ops (augmentations) of a pp string, as written, e.g. ['flip_lr', 'rot90']."""
+  return [spec for name, spec in _op_specs(pp_string) if RANDOM_OPS[name]]
+
+
+def drop_random(pp_string: str) -> str:
+  """The pp string without its random ops: 'resize(64)|flip_lr|normalize' -> 'resize(64)|normalize'.
+
+  Raises:
+    ValueError: for a pp string that does not parse (unknown op, bad arguments).
+  """
+  return '|'.join(spec for name, spec in _op_specs(pp_string) if not RANDOM_OPS[name])
+
+
+def check_deterministic(pp_string: str, what: str) -> None:
+  """Fails when `pp_string` (the config key `what`) holds a random op, naming the op(s).
+
+  Raises:
+    ValueError: for a random op, or a pp string that does not parse.
+  """
+  found = random_ops(pp_string)
+  if found:
+    raise ValueError(f'{what}={pp_string!r} holds random op(s) {found}: evaluation must be '
+                     f'deterministic. Remove them (e.g. {what}={drop_random(pp_string)!r}).')

@@ -204,3 +204,41 @@ def test_resize_nearest_replicates_pixels_like_medmnist_v2(images):
 def test_resize_unknown_method_names_the_valid_ones():
   with pytest.raises(ValueError, match="unknown method 'lanczos'.*nearest"):
     pp.parse("resize(64, method='lanczos')")
+
+
+# One instance of every op, with the arguments it needs (on a (6, 6, 1) uint8 image).
+_EVERY_OP = {'resize': 'resize(5)', 'center_crop': 'center_crop(4)',
+             'random_crop': 'random_crop(4)', 'gray_to_rgb': 'gray_to_rgb',
+             'value_range': 'value_range', 'normalize': 'normalize(0.5, 0.25)',
+             'flip_lr': 'flip_lr', 'flip_ud': 'flip_ud', 'rot90': 'rot90', 'to_float': 'to_float'}
+
+
+def test_every_op_declares_truly_whether_it_is_random():
+  assert set(pp.RANDOM_OPS) == set(pp.PP_OPS) == set(_EVERY_OP)
+  image = np.arange(36, dtype=np.uint8).reshape(6, 6, 1)  # No symmetry: every flip shows.
+  for name, spec in _EVERY_OP.items():
+    outputs = {run(spec, image, seed=seed)['image'].tobytes() for seed in range(12)}
+    assert (len(outputs) > 1) == pp.RANDOM_OPS[name], name
+
+
+def test_an_op_without_a_declaration_is_refused(monkeypatch):
+  monkeypatch.setitem(pp.PP_OPS, 'invert', lambda: lambda example, rng: example)
+  with pytest.raises(ValueError, match="'invert' does not declare whether it is random.*RANDOM_OPS"):
+    pp.parse('invert')
+
+
+def test_drop_random_keeps_the_deterministic_ops_as_written():
+  train = "resize(64, method='nearest')|flip_lr|random_crop(60, pad=2)|value_range(-1,1)|rot90"
+  assert pp.random_ops(train) == ['flip_lr', 'random_crop(60, pad=2)', 'rot90']
+  assert pp.drop_random(train) == "resize(64, method='nearest')|value_range(-1,1)"
+  assert pp.drop_random('flip_lr') == '' and pp.drop_random('') == ''
+  with pytest.raises(ValueError, match="Unknown pp op 'sharpen'"):
+    pp.drop_random('resize(64)|sharpen')  # An unknown op is still an error.
+
+
+def test_check_deterministic_names_the_random_op_and_the_fix():
+  pp.check_deterministic('resize(64)|value_range(-1,1)', 'config.input.eval_pp')
+  with pytest.raises(ValueError, match=r"config.input.eval_pp='resize\(64\)\|flip_ud\(p=0.1\)' "
+                                       r"holds random op\(s\) \['flip_ud\(p=0.1\)'\].*"
+                                       r"config.input.eval_pp='resize\(64\)'"):
+    pp.check_deterministic('resize(64)|flip_ud(p=0.1)', 'config.input.eval_pp')
