@@ -50,8 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   resize = f"resize({spec['image']})|" if spec["image"] else ""
   config.input.update(dict(data=data_config(arg.dataset, arg.size),
                            pp=f"{resize}value_range(-1,1)", batch_size=128, eval_batch_size=256))
-  config.evals.val = dict(type="classification", split="val")
-  config.evals.test = dict(type="classification", split="test", periodic=False)
+  config.evals.val = dict(name="classification", split="val")
+  config.evals.test = dict(name="classification", split="test", periodic=False)
   config.best_metric = "val/auc"
   config.total_epochs = 100
   config.optax_name = "adam"

@@ -55,8 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = dict(variant="mu/4" if arg.runlocal else "Ti/4", pool_type="gap")
   config.input.update(dict(data=PNEUMONIA, pp="value_range(-1,1)", batch_size=64,
                            eval_batch_size=256))
-  config.evals.val = dict(type="classification", split="val")
-  config.evals.test = dict(type="classification", split="test", periodic=False)
+  config.evals.val = dict(name="classification", split="val")
+  config.evals.test = dict(name="classification", split="test", periodic=False)
   config.total_epochs = 5.0
   config.optax_name = "adamw"
   config.lr = 1e-3

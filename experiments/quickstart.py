@@ -35,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = dict(variant=arg.variant, pool_type="gap")
   config.input.update(dict(data=DATA[arg.data], pp="value_range(-1,1)|flip_lr",
                            eval_pp="value_range(-1,1)", batch_size=128, eval_batch_size=256))
-  config.evals.val = dict(type="classification", split="val")
-  config.evals.test = dict(type="classification", split="test", periodic=False)
+  config.evals.val = dict(name="classification", split="val")
+  config.evals.test = dict(name="classification", split="test", periodic=False)
   config.best_metric = "val/auc"
   config.total_epochs = arg.epochs
   config.optax_name = "adamw"

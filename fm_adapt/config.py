@@ -21,7 +21,8 @@ RUN_KEYS = {
     "model_load": "kwargs of the checkpoint import (format, dont_load).",
     "adapt": "list of adaptation transforms, e.g. [dict(kind='lora', rank=8)].",
     "input": "data, pp, batch_size, worker_count.",
-    "evals": "named evaluators, e.g. evals.val = dict(type='classification', split='val').",
+    "evals": ("named evaluators, e.g. evals.val = dict(name='classification', split='val'); "
+              "optional pp, batch_size, periodic (fm_adapt.evaluators.EVAL_KEYS)."),
     "frozen_statistics": "train with BatchNorm in inference mode (frozen CNN backbones).",
     "loss": "objective, e.g. dict(name='softmax_xent').",
     "total_epochs": "length of training in epochs (or use total_steps).",

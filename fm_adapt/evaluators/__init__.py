@@ -1,0 +1,137 @@
+"""Evaluators chosen by name, and their construction from `config.evals`.
+
+  config.evals.val = dict(name='classification', split='val')
+  config.evals.test = dict(name='classification', split='test', periodic=False)
+
+Each entry may set `pp` and `batch_size` (defaults: `config.input.eval_pp`, else the training pp
+without its random ops; `config.input.eval_batch_size`, else `config.input.batch_size`).
+Evaluation never applies a random op: an eval pp holding one is an error naming it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from data_pipelines import datasets, loader
+from data_pipelines import pp as pp_lib
+from fm_adapt.evaluators import classification
+from fm_adapt.evaluators import metrics as metrics_lib
+from fm_adapt.train import mesh as mesh_lib
+
+EVALUATORS: dict[str, type] = {"classification": classification.Evaluator}
+EVAL_KEYS = ("name", "split", "pp", "batch_size", "periodic")
+
+
+def _checked_entry(key: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The keys of `config.evals.<key>`: known keys only; `name` (not `type`) picks the evaluator."""
+  cfg = dict(cfg)
+  if "type" in cfg:
+    raise ValueError(f"config.evals.{key} uses 'type', which is now 'name': write "
+                     f"config.evals.{key} = dict(name={cfg['type']!r}, ...).")
+  unknown = sorted(set(cfg) - set(EVAL_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown keys {unknown} in config.evals.{key}; valid: {list(EVAL_KEYS)}")
+  name = cfg.setdefault("name", "classification")
+  if name not in EVALUATORS:
+    raise ValueError(f"Unknown evaluator name {name!r} in config.evals.{key}; valid: "
+                     f"{sorted(EVALUATORS)}")
+  return cfg
+
+
+def _batch_size(config: Any, key: str, cfg: Mapping[str, Any]) -> int:
+  """The evaluator's global batch size, checked positive and divisible by the devices."""
+  for what, value in ((f"config.evals.{key}.batch_size", cfg.get("batch_size")),
+                      ("config.input.eval_batch_size", config.input.get("eval_batch_size")),
+                      ("config.input.batch_size", config.input.get("batch_size"))):
+    if value is not None:
+      break
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{what}={value!r} (used by config.evals.{key}) must be a positive int.")
+  if value % jax.device_count():
+    raise ValueError(f"{what}={value} (used by config.evals.{key}) must be divisible by the "
+                     f"{jax.device_count()} devices.")
+  return value
+
+
+def eval_pp(config: Any, key: str, cfg: Mapping[str, Any]) -> str:
+  """The pp of `config.evals.<key>`: its own, else `config.input.eval_pp`, else the training pp
+  without its random ops. An explicit pp with a random op is an error naming the op."""
+  for what, value in ((f"config.evals.{key}.pp", cfg.get("pp")),
+                      ("config.input.eval_pp", config.input.get("eval_pp"))):
+    if value is not None:
+      pp_lib.check_deterministic(value, what)
+      return value
+  train_pp = config.input.pp
+  dropped = pp_lib.random_ops(train_pp)
+  if dropped:
+    logging.info("config.evals.%s: evaluating with the training pp without its random ops %s.",
+                 key, dropped)
+  return pp_lib.drop_random(train_pp)
+
+
+def _check_shape(source: Sequence[dict], key: str, pp: str, train_pp: str) -> None:
+  """The eval pp must give the images the model is trained on (checked on one example)."""
+  rng = np.random.default_rng(0)
+  shape = np.shape(pp_lib.parse(pp)(dict(source[0]), rng)["image"])
+  train_shape = np.shape(pp_lib.parse(train_pp)(dict(source[0]), rng)["image"])
+  if shape != train_shape:
+    raise ValueError(
+        f"config.evals.{key}: the eval pp {pp!r} gives images of shape {shape}, the training pp "
+        f"{train_pp!r} gives {train_shape}. Set config.input.eval_pp (or config.evals.{key}.pp) "
+        "to a deterministic pp of the training shape, e.g. center_crop for a random_crop.")
+
+
+def split_labels(source: Sequence[dict]) -> np.ndarray:
+  """The labels of every example of a split, in order."""
+  return np.stack([np.asarray(source[i]["label"]) for i in range(len(source))])
+
+
+def check_split(source: Sequence[dict], spec: Any, split: str, what: str) -> None:
+  """Fails for an empty split; warns which metrics a split's labels leave undefined.
+
+  Args:
+    source: the split's examples.
+    spec: the dataset spec (`name`, `task`, `class_names`).
+    split: the split's name.
+    what: the config key that selects the split, named in the error.
+  """
+  if len(source) == 0:
+    raise ValueError(f"Split {split!r} of {spec.name} has no examples ({what}); choose a split "
+                     f"with examples (available: {sorted(spec.split_sizes)}) or check the data.")
+  names = [str(c).replace(" ", "_") for c in spec.class_names]
+  undefined = metrics_lib.undefined_metrics(split_labels(source), spec.task, names, split)
+  metrics_lib.warn_undefined(split, undefined)
+
+
+def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, list[str]]:
+  """Builds the evaluators of `config.evals` (key -> dict(name=..., split=...)).
+
+  Everything is checked here, before training: keys, names, batch sizes, that the eval pp is
+  deterministic and gives the training shape, that each split has examples (and which metrics
+  its labels leave undefined).
+
+  Returns:
+    ({key: evaluator}, [keys of the evaluators run during training (`periodic`)]).
+  """
+  evaluators, periodic = {}, []
+  for key, entry in (config.get("evals") or {}).items():
+    cfg = _checked_entry(key, entry)
+    split = cfg.get("split", key)
+    source, _ = datasets.get_dataset(config.input.data, split, data_dir)
+    check_split(source, spec, split, f"config.evals.{key}.split")
+    batch_size = _batch_size(config, key, cfg)
+    pp = eval_pp(config, key, cfg)
+    _check_shape(source, key, pp, config.input.pp)
+    batches: Callable[[], Any] = (lambda source=source, pp=pp, bs=batch_size: loader.make_loader(
+        source, pp=pp, batch_size=bs, seed=0, shuffle=False, num_epochs=1,
+        drop_remainder=False, pad_remainder=True))
+    evaluators[key] = EVALUATORS[cfg["name"]](
+        predict_fn, batches, lambda b: mesh_lib.global_batch(b, mesh), spec.task,
+        list(spec.class_names) if spec.class_names else None, split=split)
+    if cfg.get("periodic", True):
+      periodic.append(key)
+  return evaluators, periodic

@@ -17,13 +17,11 @@ from data_pipelines import pp as pp_lib
 from fm_adapt import models
 from fm_adapt.adapt import compose, masks
 from fm_adapt.evaluators import classification as cls_eval
+from fm_adapt.evaluators import make_evaluators
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import pretrained
 from fm_adapt.train import optim, state as state_lib, step as step_lib, writer as writer_lib
-
-EVALUATORS = {"classification": cls_eval.Evaluator}
-EVAL_KEYS = ("type", "split", "pp", "batch_size", "periodic")
 
 
 @dataclasses.dataclass
@@ -151,33 +149,6 @@ def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
 def _check_batch(batch_size: int, what: str) -> None:
   if batch_size % jax.device_count():
     raise ValueError(f"{what}={batch_size} must be divisible by the {jax.device_count()} devices.")
-
-
-def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, list[str]]:
-  """Builds the evaluators of `config.evals` (name -> dict(type=..., split=...))."""
-  evaluators, periodic = {}, []
-  default_pp = config.input.get("eval_pp", config.input.pp)
-  for name, cfg in (config.get("evals") or {}).items():
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - set(EVAL_KEYS))
-    if unknown:
-      raise ValueError(f"Unknown keys {unknown} in config.evals.{name}; valid: {list(EVAL_KEYS)}")
-    kind = cfg.get("type", "classification")
-    if kind not in EVALUATORS:
-      raise ValueError(f"Unknown evaluator type {kind!r}; valid: {sorted(EVALUATORS)}")
-    source, _ = datasets.get_dataset(config.input.data, cfg.get("split", name), data_dir)
-    batch_size = cfg.get("batch_size", config.input.get("eval_batch_size", config.input.batch_size))
-    _check_batch(batch_size, f"config.evals.{name}.batch_size")
-    pp = cfg.get("pp", default_pp)
-    batches = (lambda source=source, pp=pp, bs=batch_size: loader.make_loader(
-        source, pp=pp, batch_size=bs, seed=0, shuffle=False, num_epochs=1,
-        drop_remainder=False, pad_remainder=True))
-    evaluators[name] = EVALUATORS[kind](
-        predict_fn, batches, lambda b: mesh_lib.global_batch(b, mesh), spec.task,
-        list(spec.class_names) if spec.class_names else None)
-    if cfg.get("periodic", True):
-      periodic.append(name)
-  return evaluators, periodic
 
 
 def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> Run:

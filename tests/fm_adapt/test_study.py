@@ -15,8 +15,8 @@ EXPERIMENT = textwrap.dedent("""
       config.model = dict(variant="mu/7", pool_type="gap")
       config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
                                pp="value_range(-1,1)", batch_size=16, eval_batch_size=256))
-      config.evals.val = dict(type="classification", split="val")
-      config.evals.test = dict(type="classification", split="test", periodic=False)
+      config.evals.val = dict(name="classification", split="val")
+      config.evals.test = dict(name="classification", split="test", periodic=False)
       config.total_steps = 2
       config.progress = False
       return config

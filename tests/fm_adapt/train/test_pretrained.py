@@ -39,7 +39,7 @@ def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_
   config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
                            pp="resize(32)|gray_to_rgb|value_range(-1,1)", batch_size=8,
                            eval_batch_size=256))
-  config.evals.test = dict(type="classification", split="test")
+  config.evals.test = dict(name="classification", split="test")
   config.best_metric = "test/auc"
   config.total_steps = 2
   config.progress = False
