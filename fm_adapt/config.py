@@ -121,8 +121,17 @@ def _literal(value: str) -> Any:
     return value
 
 
+def _check_batch_size(value: Any, key: str, required: bool = False) -> None:
+  if value is None and not required:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{key}={value!r}: set it to a positive int (examples per batch over all "
+                     "devices, a multiple of the device count).")
+
+
 def validate(config: Mapping[str, Any]) -> None:
-  """Fails on unknown top-level keys of a run config, listing the valid ones."""
+  """Fails on a bad run config before anything is built: unknown top-level or `input` keys
+  (listing the valid ones), and batch sizes that are not positive ints."""
   unknown = sorted(set(config.keys()) - set(RUN_KEYS))
   if unknown:
     valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
@@ -131,3 +140,8 @@ def validate(config: Mapping[str, Any]) -> None:
   unknown_input = sorted(set(config.get("input", {}).keys()) - data_keys)
   if unknown_input:
     raise ValueError(f"Unknown config.input key(s) {unknown_input}; valid: {sorted(data_keys)}")
+  inputs = config.get("input") or {}
+  _check_batch_size(inputs.get("batch_size"), "config.input.batch_size", required=True)
+  _check_batch_size(inputs.get("eval_batch_size"), "config.input.eval_batch_size")
+  for name, entry in (config.get("evals") or {}).items():
+    _check_batch_size(dict(entry).get("batch_size"), f"config.evals.{name}.batch_size")

@@ -22,3 +22,31 @@ def test_validate_unknown_keys():
   config = ml_collections.ConfigDict(dict(lr=1.0, input=dict(batchsize=2)))
   with pytest.raises(ValueError, match="batchsize"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("input.batch_size", 0),  # Was a ZeroDivisionError while setting up the run.
+    ("input.batch_size", -8),
+    ("input.eval_batch_size", 0),  # Was found at the first evaluation, after training.
+    ("evals.val.batch_size", 0),
+])
+def test_validate_batch_sizes_name_the_key_and_the_fix(key, value):
+  config = config_lib.base_config()
+  config.input.update(dict(data=dict(name="npz", path="x.npz"), pp="", batch_size=8))
+  config.evals.val = dict(name="classification", split="val")
+  config_lib.validate(config)
+  parent, leaf = key.rsplit(".", 1)
+  node = config
+  for part in parent.split("."):
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(ValueError, match=rf"config.{key}={value!r}: set it to a positive int"):
+    config_lib.validate(config)
+
+
+def test_validate_needs_a_batch_size():
+  config = config_lib.base_config()
+  config.input.update(dict(data=dict(name="npz", path="x.npz"), pp=""))
+  with pytest.raises(ValueError, match="config.input.batch_size=None: set it to a positive int"):
+    config_lib.validate(config)
