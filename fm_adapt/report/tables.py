@@ -1,4 +1,9 @@
-"""Results tables: mean +- std over seeds, written as markdown, CSV and LaTeX."""
+"""Results tables: mean +- std over seeds, written as markdown, CSV and LaTeX.
+
+A metric a run leaves undefined (None or NaN, e.g. an AUC on a split missing a class) is left out
+of its group's mean, and the cell says so: `0.850 ± 0.071 (2 of 3 seeds)`; `n/a` when no run of
+the group defines it. The CSV has `<metric>_mean`, `_std` and `_n` (runs that define it) columns.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,15 +11,30 @@ import io
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+# The metric columns of a study's table: the best checkpoint's test metrics, then its val AUC.
+STUDY_METRICS = ("test/auc", "test/acc", "test/bal_acc", "test/mcc", "val/auc")
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (NaN, i.e. undefined, for a single value); NaNs in
-  `values` are ignored."""
-  arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
+
+class Stat(NamedTuple):
+  """A metric over the runs of a group: mean and sample std over the `n` of `runs` defining it."""
+  mean: float
+  std: float
+  n: int
+  runs: int
+
+
+def _defined(value: Any) -> bool:
+  return value is not None and not math.isnan(value)
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+  """Mean and sample standard deviation (NaN, i.e. undefined, for a single value); None and NaN
+  in `values` are left out (`aggregate` counts them)."""
+  arr = np.asarray([v for v in values if _defined(v)], np.float64)
   if arr.size == 0:
     return float("nan"), float("nan")
   return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
@@ -22,23 +42,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def aggregate(groups: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str],
               extra: Sequence[str] = ()) -> list[dict[str, Any]]:
-  """One row per group: `extra` columns from the first run, mean/std per metric, seed count."""
+  """One row per group: `extra` columns from the first run, a `Stat` per metric, seed count."""
   rows = []
   for group, runs in groups.items():
     row = {"run": group, "seeds": len(runs)}
     row.update({k: runs[0].get(k) for k in extra})
     for metric in metrics:
-      row[metric] = mean_std([r.get(metric, float("nan")) for r in runs])
+      values = [r.get(metric) for r in runs]
+      row[metric] = Stat(*mean_std(values), sum(map(_defined, values)), len(runs))
     rows.append(row)
   return rows
 
 
 def _cell(value: Any, digits: int) -> str:
-  if isinstance(value, tuple):
-    mean, std = value
-    if math.isnan(mean):
+  if isinstance(value, Stat):
+    if value.n == 0:
       return "n/a"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    text = f"{value.mean:.{digits}f}"
+    if value.n > 1:
+      text += f" ± {value.std:.{digits}f}"
+    return text if value.n == value.runs else f"{text} ({value.n} of {value.runs} seeds)"
   if isinstance(value, int) and not isinstance(value, bool):
     return f"{value:,}"
   return str(value)
@@ -52,18 +75,19 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digit
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-  """CSV with separate mean and std columns for each metric."""
+  """CSV with mean, std and n (runs defining it) columns for each metric."""
   out = io.StringIO()
   writer = csv.writer(out)
   header = []
   for c in columns:
-    header += [f"{c}_mean", f"{c}_std"] if rows and isinstance(rows[0].get(c), tuple) else [c]
+    is_stat = rows and isinstance(rows[0].get(c), Stat)
+    header += [f"{c}_mean", f"{c}_std", f"{c}_n"] if is_stat else [c]
   writer.writerow(header)
   for r in rows:
     cells = []
     for c in columns:
       v = r.get(c)
-      cells += list(v) if isinstance(v, tuple) else [v]
+      cells += [v.mean, v.std, v.n] if isinstance(v, Stat) else [v]
     writer.writerow(cells)
   return out.getvalue()
 
