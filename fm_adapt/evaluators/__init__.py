@@ -90,18 +90,30 @@ def split_labels(source: Sequence[dict]) -> np.ndarray:
   return np.stack([np.asarray(source[i]["label"]) for i in range(len(source))])
 
 
-def check_split(source: Sequence[dict], spec: Any, split: str, what: str) -> None:
-  """Fails for an empty split; warns which metrics a split's labels leave undefined.
+def check_not_empty(source: Sequence[dict], spec: Any, split: str, what: str) -> None:
+  """Fails for a split without examples (training or evaluation), naming the config key.
 
   Args:
     source: the split's examples.
-    spec: the dataset spec (`name`, `task`, `class_names`).
+    spec: the dataset spec (`name`, `split_sizes`).
     split: the split's name.
     what: the config key that selects the split, named in the error.
   """
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {spec.name} has no examples ({what}); choose a split "
                      f"with examples (available: {sorted(spec.split_sizes)}) or check the data.")
+
+
+def check_split(source: Sequence[dict], spec: Any, split: str, what: str) -> None:
+  """Fails for an empty split (`check_not_empty`); warns which metrics its labels leave undefined.
+
+  Args:
+    source: the split's examples.
+    spec: the dataset spec (`name`, `task`, `class_names`, `split_sizes`).
+    split: the split's name.
+    what: the config key that selects the split, named in the error.
+  """
+  check_not_empty(source, spec, split, what)
   names = [str(c).replace(" ", "_") for c in spec.class_names]
   undefined = metrics_lib.undefined_metrics(split_labels(source), spec.task, names, split)
   metrics_lib.warn_undefined(split, undefined)

@@ -126,6 +126,9 @@ def test_empty_split_fails_naming_the_key():
   with pytest.raises(ValueError, match=r"Split 'empty' of fake/pneumonia has no examples "
                                        r"\(config.evals.e.split\)"):
     _make(_config(e=dict(name="classification", split="empty")))
+  with pytest.raises(ValueError, match=r"Split 'train' .* no examples \(config.input.data\); "
+                                       r".*available: \['empty', 'one_class', 'test', 'val'\]"):
+    evaluators.check_not_empty([], SPEC, "train", "config.input.data")
 
 
 def test_one_class_split_warns_which_metrics_will_be_undefined():
