@@ -2,7 +2,10 @@
 
 `config.mesh = [('data', -1), ('fsdp', 1)]`: axis names and sizes, -1 takes the remaining
 devices. The batch is sharded over all mesh axes; parameters are replicated or sharded over
-'fsdp' along their largest divisible dimension, by `config.sharding_rules` (big_vision idea).
+'fsdp' along their largest divisible dimension, by `config.sharding_rules` (big_vision idea):
+(regex, strategy) rules over parameter paths ('encoder/block_0/mlp/fc1/kernel'), matched as
+schedule rules are (full match, first rule wins, every parameter matched, every rule used).
+Optimizer moments take their parameter's sharding (`optimizer_shardings`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fm_adapt.adapt import masks
@@ -80,34 +84,58 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   return P()
 
 
+SHARDING_STRATEGIES = ("fsdp", "replicate")
+DEFAULT_SHARDING_RULES = ((".*", "fsdp"),)
+
+
+def _strategy_spec(strategy: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+  return _fsdp_spec(shape, mesh) if strategy == "fsdp" else P()
+
+
 def param_shardings(shapes: Mapping[str, Any], mesh: Mesh,
                     rules: Sequence[tuple[str, str]] | None = None) -> Any:
-  """NamedShardings for a tree of shapes (from `jax.eval_shape`) by (regex, strategy) rules.
+  """NamedShardings for model variables (from `jax.eval_shape`) by (regex, strategy) rules.
 
-  Strategies: 'fsdp' (shard the largest dimension divisible by the fsdp size), 'replicate'.
-  The first matching rule wins; leaves matching no rule are replicated.
+  Args:
+    shapes: {'params': ..., <other collections, e.g. 'batch_stats'>: ...}.
+    mesh: the device mesh.
+    rules: (regex, 'fsdp' | 'replicate') over parameter paths without the collection name
+      ('head/kernel'); the first full match wins, every parameter must match a rule and every
+      rule a parameter. Other collections (BatchNorm statistics) follow the same rules where
+      one matches, else are replicated. Default: everything 'fsdp'.
+
+  Raises:
+    ValueError: for an unknown strategy, a parameter no rule matches, or a rule that matches
+      no parameter (naming it and the closest paths).
   """
-  rules = list(rules or [(".*", "fsdp")])
+  rules = [tuple(r) for r in (rules or DEFAULT_SHARDING_RULES)]
   for _, strategy in rules:
-    if strategy not in ("fsdp", "replicate"):
-      raise ValueError(f"Unknown sharding strategy {strategy!r}; valid: ['fsdp', 'replicate']")
-  flat = masks.flatten(shapes)
+    if strategy not in SHARDING_STRATEGIES:
+      raise ValueError(f"Unknown sharding strategy {strategy!r}; valid: {list(SHARDING_STRATEGIES)}")
+  assignment = masks.match_rules(shapes["params"], rules, what="sharding rule")
   out = {}
-  for path, leaf in flat.items():
-    strategy = next((s for rx, s in rules if re.fullmatch(rx, path)), "replicate")
-    spec = _fsdp_spec(tuple(leaf.shape), mesh) if strategy == "fsdp" else P()
-    out[path] = NamedSharding(mesh, spec)
+  for collection, tree in shapes.items():
+    for path, leaf in masks.flatten(tree).items():
+      if collection == "params":
+        strategy = rules[assignment[path]][1]
+      else:
+        strategy = next((s for rx, s in rules if re.fullmatch(rx, path)), "replicate")
+      out[f"{collection}/{path}"] = NamedSharding(mesh, _strategy_spec(strategy,
+                                                                        tuple(leaf.shape), mesh))
   return masks.unflatten(out)
 
 
-def optimizer_shardings(opt_shapes: Any, mesh: Mesh, fsdp: bool = True) -> Any:
-  """Shardings for an optimizer state: moments follow the fsdp layout of their shape.
+def optimizer_shardings(tx: optax.GradientTransformation, opt_shapes: Any,
+                        param_sharding_tree: Any, mesh: Mesh) -> Any:
+  """Shardings of an optimizer state: each moment takes its parameter's sharding.
 
-  A moment has its parameter's shape, and `_fsdp_spec` depends on the shape alone, so moments
-  are laid out like their parameters; scalars (counts) are replicated.
+  optax's `tree_map_params` finds the copies of the parameter tree inside the state (Adam's mu
+  and nu, ...), so a moment follows its parameter's rule whatever its shape; the rest (step
+  counts) is replicated.
   """
-  spec = (lambda leaf: _fsdp_spec(tuple(leaf.shape), mesh)) if fsdp else (lambda leaf: P())
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, spec(leaf)), opt_shapes)
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, sharding: sharding, opt_shapes, param_sharding_tree,
+      transform_non_params=lambda _: replicated(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

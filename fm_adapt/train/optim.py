@@ -13,7 +13,7 @@ the peak), `lr_mult` (multiplier on `config.lr` for this group).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optax
@@ -83,17 +83,21 @@ def trainable_mask(params: Mapping[str, Any], schedule: Any) -> dict[str, Any]:
   return masks.unflatten({p: rules[i][1] is not None for p, i in assignment.items()})
 
 
+# config.optax_name -> the direction-finding part of the optimizer, taking `config.optax` as
+# kwargs; learning rate, weight decay and clipping are chained around it by `make_optimizer`.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": optax.scale_by_adam,
+    "adamw": optax.scale_by_adam,
+    "sgd": optax.identity,
+    "momentum": lambda **kw: optax.trace(decay=kw.pop("momentum", 0.9), **kw),
+    "lion": optax.scale_by_lion,
+}
+
+
 def _base_transform(name: str, kwargs: Mapping[str, Any]) -> optax.GradientTransformation:
-  makers = {
-      "adam": optax.scale_by_adam,
-      "adamw": optax.scale_by_adam,
-      "sgd": optax.identity,
-      "momentum": lambda **kw: optax.trace(decay=kw.pop("momentum", 0.9), **kw),
-      "lion": optax.scale_by_lion,
-  }
-  if name not in makers:
-    raise ValueError(f"Unknown optax_name {name!r}; valid: {sorted(makers)}")
-  return makers[name](**dict(kwargs))
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optax_name {name!r}; valid: {sorted(OPTIMIZERS)}")
+  return OPTIMIZERS[name](**dict(kwargs))
 
 
 def make_optimizer(config: Any, trainable_params: Mapping[str, Any], total_steps: int,
