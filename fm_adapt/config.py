@@ -20,7 +20,9 @@ RUN_KEYS = {
     "model_init": "None, or a pretrained checkpoint to start from (path relative to the weights dir).",
     "model_load": "kwargs of the checkpoint import (format, dont_load).",
     "adapt": "list of adaptation transforms, e.g. [dict(kind='lora', rank=8)].",
-    "input": "data, pp, batch_size, worker_count.",
+    "input": ("data, pp, eval_pp, batch_size, eval_batch_size, worker_count, last_batch "
+              "('pad': whole epochs, the last batch padded and masked, as PyTorch's "
+              "drop_last=False; 'carry': batches run on across epoch boundaries)."),
     "evals": ("named evaluators, e.g. evals.val = dict(name='classification', split='val'); "
               "optional pp, batch_size, periodic (fm_adapt.evaluators.EVAL_KEYS)."),
     "frozen_statistics": "train with BatchNorm in inference mode (frozen CNN backbones).",
@@ -61,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model_init = placeholder(str)
   config.model_load = ml_collections.ConfigDict()
   config.adapt = ()
-  config.input = ml_collections.ConfigDict(dict(worker_count=0))
+  config.input = ml_collections.ConfigDict(dict(worker_count=0, last_batch="pad"))
   config.evals = ml_collections.ConfigDict()
   config.loss = ml_collections.ConfigDict()
   config.total_epochs = placeholder(float)
@@ -136,7 +138,8 @@ def validate(config: Mapping[str, Any]) -> None:
   if unknown:
     valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
     raise ValueError(f"Unknown config key(s) {unknown}. Valid keys:\n{valid}")
-  data_keys = {"data", "pp", "batch_size", "worker_count", "eval_pp", "eval_batch_size"}
+  data_keys = {"data", "pp", "batch_size", "worker_count", "eval_pp", "eval_batch_size",
+               "last_batch"}
   unknown_input = sorted(set(config.get("input", {}).keys()) - data_keys)
   if unknown_input:
     raise ValueError(f"Unknown config.input key(s) {unknown_input}; valid: {sorted(data_keys)}")

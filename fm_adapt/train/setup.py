@@ -17,7 +17,7 @@ from data_pipelines import pp as pp_lib
 from fm_adapt import models
 from fm_adapt.adapt import compose, masks
 from fm_adapt.evaluators import classification as cls_eval
-from fm_adapt.evaluators import make_evaluators
+from fm_adapt.evaluators import check_not_empty, make_evaluators
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import pretrained
@@ -52,6 +52,7 @@ class ModelFns:
   adaptation: Any = None
   load: Callable[[dict[str, Any]], dict[str, Any]] | None = None
   base: dict[str, str] | None = None
+  model: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
@@ -75,7 +76,7 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
       return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
 
   if not config.get("model_init"):
-    return ModelFns(init_fn, apply_fn, adaptation)
+    return ModelFns(init_fn, apply_fn, adaptation, model=model)
   path = pretrained.resolve_path(config.model_init)
   base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
   base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
@@ -85,7 +86,7 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
             if p not in base_paths]
   load_cfg = dict(config.get("model_load") or {})
   load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)
-  return ModelFns(init_fn, apply_fn, adaptation, load, base)
+  return ModelFns(init_fn, apply_fn, adaptation, load, base, model)
 
 
 @dataclasses.dataclass
@@ -133,8 +134,10 @@ def initial_state(fns: TrainFns, variables: dict[str, Any], mesh: jax.sharding.M
     shardings = jax.tree.map(lambda x: x.sharding, variables)
     variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
   params, frozen, model_state = state_lib.split_variables(variables, fns.trainable)
-  fsdp = any(strategy == "fsdp" for _, strategy in (rules or [(".*", "fsdp")]))
-  opt_shardings = mesh_lib.optimizer_shardings(jax.eval_shape(fns.tx.init, params), mesh, fsdp)
+  del rules  # The parameters carry their shardings; the moments take them.
+  opt_shardings = mesh_lib.optimizer_shardings(
+      fns.tx, jax.eval_shape(fns.tx.init, params), jax.tree.map(lambda x: x.sharding, params),
+      mesh)
   opt = jax.jit(fns.tx.init, out_shardings=opt_shardings)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
   return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
@@ -151,29 +154,67 @@ def _check_batch(batch_size: int, what: str) -> None:
     raise ValueError(f"{what}={batch_size} must be divisible by the {jax.device_count()} devices.")
 
 
+LAST_BATCH = ("pad", "carry")
+
+
+def make_train_loader(config: ml_collections.ConfigDict, source: Any, seed: int
+                      ) -> tuple[Any, int, int]:
+  """The training loader of `config.input.last_batch`, its steps per epoch and total steps.
+
+  'pad' (default): whole epochs of ceil(N / batch) steps, the last batch padded and masked (as
+  PyTorch's DataLoader with drop_last=False), so `total_epochs` E is E * ceil(N / batch) steps.
+  'carry': batches run on across epoch boundaries and nothing is padded, so E epochs are
+  ceil(E * N / batch) steps and an "epoch" (evaluation, checkpoint) is ceil(N / batch) steps.
+  """
+  last_batch = config.input.get("last_batch", "pad")
+  if last_batch not in LAST_BATCH:
+    raise ValueError(f"Unknown config.input.last_batch {last_batch!r}; valid: {list(LAST_BATCH)}")
+  batch_size, n = config.input.batch_size, len(source)
+  steps_per_epoch = max(math.ceil(n / batch_size), 1)
+  workers = config.input.get("worker_count", 0)
+  if last_batch == "pad":
+    total = config.get("total_steps") or max(math.ceil(config.total_epochs * steps_per_epoch), 1)
+    train_loader = loader.make_epoch_loader(source, pp=config.input.pp, batch_size=batch_size,
+                                            seed=seed, shuffle=True, worker_count=workers)
+  else:
+    total = config.get("total_steps") or max(math.ceil(config.total_epochs * n / batch_size), 1)
+    train_loader = loader.make_loader(source, pp=config.input.pp, batch_size=batch_size,
+                                      seed=seed, shuffle=True, num_epochs=None,
+                                      worker_count=workers)
+  return train_loader, steps_per_epoch, total
+
+
+def _check_padding_is_masked(config: ml_collections.ConfigDict, model: Any,
+                             variables_shape: Any) -> None:
+  """A model with batch statistics must take `mask` when batches are padded."""
+  padded = config.input.get("last_batch", "pad") == "pad"
+  has_statistics = any(k != "params" for k in variables_shape)
+  if padded and has_statistics and not config.get("frozen_statistics") and (
+      not state_lib.takes_mask(model)):
+    raise ValueError(
+        f"Model {config.model_name!r} keeps batch statistics but takes no `mask`, so the padding "
+        "of a last batch would enter them. Set config.input.last_batch='carry' (no padding), "
+        "or config.frozen_statistics=True.")
+
+
 def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> Run:
   """Builds the `Run` of a config: nothing is trained or restored here."""
   mesh_lib.maybe_initialize_distributed()
   mesh = mesh_lib.make_mesh(config.get("mesh"))
   data_dir = data_dir_lib.resolve_data_dir(data_dir_flag)
   source, spec = datasets.get_dataset(config.input.data, "train", data_dir)
+  check_not_empty(source, spec, "train", "config.input.data")
   batch_size = config.input.batch_size
   _check_batch(batch_size, "config.input.batch_size")
-  # Batches run on across epoch boundaries (nothing is dropped), so `total_epochs` passes over
-  # the data take ceil(epochs * N / batch) steps; "once per epoch" is every ceil(N / batch) steps.
-  steps_per_epoch = max(math.ceil(len(source) / batch_size), 1)
-  total_steps = config.get("total_steps") or max(
-      math.ceil(config.total_epochs * len(source) / batch_size), 1)
   seed = config.get("seed", 0)
-  train_loader = loader.make_loader(
-      source, pp=config.input.pp, batch_size=batch_size, seed=seed, shuffle=True,
-      num_epochs=None, worker_count=config.input.get("worker_count", 0))
+  train_loader, steps_per_epoch, total_steps = make_train_loader(config, source, seed)
   # rbg keys: the same quality for init and dropout, and far faster to compile on CPU than
   # threefry when a model has many parameter shapes (EfficientNet-Lite0 init: 35 s -> 15 s).
   init_rng, train_rng = jax.random.split(jax.random.key(seed, impl="rbg"))
   fns = build_train_fns(config, spec, _image_shape(source, config.input.pp), total_steps,
                         init_rng)
   model_fns, update = fns.model_fns, fns.update_fn
+  _check_padding_is_masked(config, model_fns.model, fns.variables_shape)
   rules = config.get("sharding_rules")
 
   def init_state() -> dict[str, Any]:
