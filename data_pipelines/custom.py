@@ -10,7 +10,14 @@ Bring-your-own data without writing a builder:
 * `image_folder_config(root, ...)` + `ImageFolder`: `<root>/<split>/<class>/*.png|jpg` (splits
   among train / val / test), or `<root>/<class>/*` split by the caller's fractions with a seed
   (stratified by class). Images are decoded with PIL, converted to grey ('L') or RGB and resized
-  (bilinear, aspect ratio not kept) to `image_size`.
+  (bilinear, aspect ratio not kept) to `image_size` (`images.load_image`).
+  Images deeper than 8 bits (16-bit PNG / TIFF X-ray and CT exports, 32-bit int or float TIFF)
+  are never clipped: the option `high_bit_depth` says how they are stored as uint8:
+  'error' (default: refused, naming the file and the option), 'per_image' (each image's
+  [min, max] onto 0..255), 'per_dataset' (the dataset's [min, max] onto 0..255, recorded in the
+  metadata as `intensity_range`) or 'full_range' (16-bit only: x // 256). See `images`.
+  A file that is not a whole image, has an unsupported mode or cannot be read is an error that
+  names it.
 
 Examples: {'image': uint8 (H, W, C) or (D, H, W, C), 'label': int64 scalar, or int64 (L,) for
 'multilabel'}, in file order. Every source is checked (keys, shapes, dtypes, labels) before
@@ -29,8 +36,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from data_pipelines import images as images_lib
 from data_pipelines import npz
 from data_pipelines import tfds_base
 
@@ -165,7 +172,7 @@ class CustomNpz(tfds_base.Builder, skip_registration=True):
     metadata = tfds.core.MetadataDict(
         task=cfg.task, class_names=list(cfg.class_names), source=cfg.path, md5=cfg.md5,
         license=USER_LICENSE, official=False)
-    return tfds.core.DatasetInfo(
+    return tfds_base.DatasetInfo(
         builder=self, description=cfg.description, features=_features(cfg.image_shape, label_shape),
         supervised_keys=('image', 'label'), license=USER_LICENSE, metadata=metadata,
         disable_shuffling=True)
@@ -191,6 +198,7 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   root: str = ''
   image_size: tuple[int, int] = (64, 64)
   channels: int = 3
+  high_bit_depth: str = 'error'
   class_names: tuple[str, ...] = ()
   files: dict[str, tuple[tuple[str, int], ...]] = dataclasses.field(default_factory=dict,
                                                                      repr=False)
@@ -266,7 +274,7 @@ def _plan(root: pathlib.Path, fractions: Mapping[str, float] | None, seed: int):
 
 def image_folder_config(root: os.PathLike | str, image_size: int | Sequence[int],
                         channels: int = 3, split_fractions: Mapping[str, float] | None = None,
-                        seed: int = 0) -> ImageFolderConfig:
+                        seed: int = 0, high_bit_depth: str = 'error') -> ImageFolderConfig:
   """Scans a class-per-folder image tree and returns the config to build it with `ImageFolder`.
 
   Args:
@@ -276,6 +284,8 @@ def image_folder_config(root: os.PathLike | str, image_size: int | Sequence[int]
     split_fractions: for a folder without split level, e.g. {'train': .8, 'val': .1, 'test': .1}
       (the default); each class is split by these fractions after a shuffle seeded by `seed`.
     seed: seed of that shuffle.
+    high_bit_depth: how images deeper than 8 bits are stored as uint8: 'error' (refuse them),
+      'per_image', 'per_dataset' or 'full_range' (module docstring of `images`).
 
   Raises:
     FileNotFoundError: if `root` is not a directory.
@@ -289,41 +299,38 @@ def image_folder_config(root: os.PathLike | str, image_size: int | Sequence[int]
     raise ValueError(f'image_size must be a positive int or (height, width); got {image_size!r}.')
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 (grey) or 3 (RGB); got {channels!r}.')
+  images_lib.check_high_bit_depth(high_bit_depth)
   class_names, plan = _plan(root, split_fractions, seed)
   files = {s: tuple((f.relative_to(root).as_posix(), label) for f, label in items)
            for s, items in plan.items()}
   listing = {s: [(f, label, (root / f).stat().st_size) for f, label in items]
              for s, items in files.items()}
-  name = _config_name(root.name, [listing, size, channels])
+  name = _config_name(root.name, [listing, size, channels, high_bit_depth])
   counts = {s: len(v) for s, v in files.items()}
   return ImageFolderConfig(
       name=name, root=os.fspath(root), image_size=size, channels=channels,
-      class_names=tuple(class_names), files=files,
+      high_bit_depth=high_bit_depth, class_names=tuple(class_names), files=files,
       description=f'Image folder {root.name}: {len(class_names)} classes, {counts}, '
-                  f'resized to {size[0]}x{size[1]}x{channels}.')
-
-
-def load_image(path: os.PathLike | str, size: tuple[int, int], channels: int) -> np.ndarray:
-  """Decodes an image with PIL and returns it uint8 (height, width, channels), resized bilinear."""
-  with Image.open(path) as image:
-    image = image.convert('L' if channels == 1 else 'RGB')
-    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).reshape(size[0], size[1], channels)
+                  f'resized to {size[0]}x{size[1]}x{channels}, images deeper than 8 bits: '
+                  f'{high_bit_depth}.')
 
 
 class ImageFolder(tfds_base.Builder, skip_registration=True):
   """A class-per-folder image tree; pass `config=image_folder_config(root, ...)`."""
 
   name = 'image_folder'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.',
+                   '1.1.0': 'Images deeper than 8 bits are rescaled by `high_bit_depth` or '
+                            'refused; 1.0.0 clipped them at 255.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     metadata = tfds.core.MetadataDict(
         task='multiclass', class_names=list(cfg.class_names), source=cfg.root,
-        image_size=list(cfg.image_size), license=USER_LICENSE, official=False)
-    return tfds.core.DatasetInfo(
+        image_size=list(cfg.image_size), high_bit_depth=cfg.high_bit_depth,
+        intensity_range=None, license=USER_LICENSE, official=False)
+    return tfds_base.DatasetInfo(
         builder=self, description=cfg.description,
         features=_features((*cfg.image_size, cfg.channels), ()),
         supervised_keys=('image', 'label'), license=USER_LICENSE, metadata=metadata,
@@ -331,10 +338,18 @@ class ImageFolder(tfds_base.Builder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Local files.
-    return {split: self._generate_examples(split) for split in self.builder_config.files}
+    cfg = self.builder_config
+    value_range = None
+    if cfg.high_bit_depth == 'per_dataset':  # One pass over every split before writing.
+      value_range = images_lib.value_range(pathlib.Path(cfg.root) / relpath
+                                           for files in cfg.files.values() for relpath, _ in files)
+      self.info.metadata['intensity_range'] = None if value_range is None else list(value_range)
+    return {split: self._generate_examples(split, value_range) for split in cfg.files}
 
-  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(self, split: str, value_range: tuple[float, float] | None
+                         ) -> Iterator[tuple[int, dict]]:
     cfg = self.builder_config
     for i, (relpath, label) in enumerate(cfg.files[split]):
-      image = load_image(pathlib.Path(cfg.root) / relpath, cfg.image_size, cfg.channels)
+      image = images_lib.load_image(pathlib.Path(cfg.root) / relpath, cfg.image_size,
+                                    cfg.channels, cfg.high_bit_depth, value_range)
       yield i, {'image': image, 'label': np.int64(label)}

@@ -7,7 +7,10 @@ valid ones):
   dict(name='npz', path='medmnist_derived/x.npz', task='multiclass', class_names=None)
       your own MedMNIST-layout archive; optional num_classes. task: multiclass|multilabel|ordinal.
   dict(name='image_folder', path='my_images', image_size=64)    <path>/[<split>/]<class>/*.png
-      optional: channels=3, split_fractions=None ({'train': .8, 'val': .1, 'test': .1}), seed=0.
+      optional: channels=3, split_fractions=None ({'train': .8, 'val': .1, 'test': .1}), seed=0,
+      high_bit_depth='error': how images deeper than 8 bits (16-bit PNG / TIFF) become uint8:
+      'error' (refused, naming the file), 'per_image', 'per_dataset' or 'full_range' (16-bit
+      x // 256); never clipped (data_pipelines.images).
 Every form takes `tfds_dir` (where the TFDS dataset is built) and may carry `split` (a config
 convenience; the `split` argument of `get_dataset` is what is loaded). Relative `path`s are
 relative to the data directory (`data_dir.resolve_data_dir`); absolute ones are used as given.
@@ -131,7 +134,8 @@ def _make_npz(cfg: dict, data_dir: pathlib.Path | None):
 def _make_image_folder(cfg: dict, data_dir: pathlib.Path | None):
   config = custom.image_folder_config(
       _resolve_path(cfg['path'], data_dir), image_size=cfg['image_size'],
-      channels=cfg['channels'], split_fractions=cfg['split_fractions'], seed=cfg['seed'])
+      channels=cfg['channels'], split_fractions=cfg['split_fractions'], seed=cfg['seed'],
+      high_bit_depth=cfg['high_bit_depth'])
   return lambda tfds_dir: custom.ImageFolder(config=config, data_dir=tfds_dir)
 
 
@@ -146,7 +150,8 @@ DATASETS: dict[str, _Kind] = {
     'npz': _Kind(('path',), {'task': 'multiclass', 'class_names': None, 'num_classes': None,
                              **_COMMON}, _make_npz, _relative_path),
     'image_folder': _Kind(('path', 'image_size'), {'channels': 3, 'split_fractions': None,
-                                                   'seed': 0, **_COMMON},
+                                                   'seed': 0, 'high_bit_depth': 'error',
+                                                   **_COMMON},
                           _make_image_folder, _relative_path),
 }
 
@@ -235,6 +240,10 @@ def _spec(builder: tfds.core.DatasetBuilder, cfg: dict) -> DatasetSpec:
     task = meta['task']
     h, w = bcfg.image_size
     variant = f'image folder {bcfg.root} resized to {h}x{w}x{bcfg.channels}'
+    if bcfg.high_bit_depth != 'error':
+      variant += f', deeper than 8 bits rescaled {bcfg.high_bit_depth}'
+      if meta.get('intensity_range'):
+        variant += ' over [{:g}, {:g}]'.format(*meta['intensity_range'])
   return DatasetSpec(
       name=f'{builder.name}/{bcfg.name}', task=task, num_classes=len(class_names),
       class_names=class_names,

@@ -438,7 +438,7 @@ class MedMNIST(tfds_base.Builder, skip_registration=True):
         flag=flag, size=size, task=info['task'], class_names=list(info['labels']),
         license=info['license'], modality=info['modality'], md5=MD5[filename(flag, size)],
         url=official_url(flag, size), official=True)
-    return tfds.core.DatasetInfo(
+    return tfds_base.DatasetInfo(
         builder=self, description=self.builder_config.description, features=features,
         supervised_keys=('image', 'label'), homepage=HOMEPAGE, citation=CITATION,
         license=info['license'], metadata=metadata, disable_shuffling=True)

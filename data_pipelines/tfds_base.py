@@ -7,14 +7,27 @@ here:
     module through `importlib_resources`, which is not installed (and we check our own md5s).
   * Builders skip the global TFDS registry: they are instantiated directly, never by name, so
     their names cannot collide with TFDS's catalogue or community datasets.
+  * `_info` returns `DatasetInfo` (ours): TFDS's own makes an empty `tmp*tfds` folder in the
+    temporary directory every time a builder of an unbuilt dataset is made (to fetch metadata
+    from its GCS bucket, which never holds our datasets) and never removes it.
+A failed build leaves nothing behind (see `prepare`).
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import tempfile
 
 import tensorflow_datasets as tfds
 
 FILE_FORMAT = 'array_record'
+
+
+class DatasetInfo(tfds.core.DatasetInfo):
+  """`tfds.core.DatasetInfo` without the GCS metadata lookup (and its stray `tmp*tfds` folder)."""
+
+  def initialize_from_bucket(self) -> None:
+    """Our datasets are never in TFDS's bucket: nothing to fetch, no temporary folder."""
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -23,6 +36,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, **kwargs):
     kwargs.setdefault('file_format', FILE_FORMAT)
     super().__init__(**kwargs)
+    if not isinstance(self.info, DatasetInfo):
+      raise TypeError(f'{type(self).__name__}._info must return tfds_base.DatasetInfo, not '
+                      f'{type(self.info).__name__} (which leaves tmp*tfds folders behind).')
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -31,15 +47,34 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return None
 
 
+def _new_dirs(builder: tfds.core.DatasetBuilder) -> list[pathlib.Path]:
+  """The folders of `<data_dir>/<name>/<config>/` that do not exist yet, deepest first."""
+  path, new = pathlib.Path(builder.data_dir).parent, []
+  while not path.exists():
+    new.append(path)
+    path = path.parent
+  return new
+
+
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Builds `builder`'s dataset unless it is there already.
 
   TFDS writes into `<data_dir>/<name>/<config>/incomplete.*` and renames it to the versioned
-  folder only when every split is written; on an error the incomplete folder is deleted. TFDS's
-  own download folder is a temporary directory removed afterwards (our builders fetch their
-  sources themselves).
+  folder only when every split is written; on an error the incomplete folder is deleted, and so
+  are the folders above it that this build created, when they are empty. TFDS's own download
+  folder is a temporary directory removed afterwards (our builders fetch their sources
+  themselves), also when the build fails or is interrupted.
   """
   if builder.is_prepared():
     return
-  with tempfile.TemporaryDirectory(prefix='fm_adapt_tfds_downloads_') as download_dir:
-    builder.download_and_prepare(download_dir=download_dir)
+  new_dirs = _new_dirs(builder)
+  try:
+    with tempfile.TemporaryDirectory(prefix='fm_adapt_tfds_downloads_') as download_dir:
+      builder.download_and_prepare(download_dir=download_dir)
+  except BaseException:
+    for path in new_dirs:
+      try:
+        os.rmdir(path)  # Only if empty: another process may be building there.
+      except OSError:
+        break
+    raise

@@ -242,3 +242,114 @@ def test_image_folder_errors(tmp_path, breast, layout, kwargs, message):
 def test_image_folder_missing_root(tmp_path):
   with pytest.raises(FileNotFoundError):
     custom.image_folder_config(tmp_path / 'missing', 28)
+
+
+def ramp16(lo=0, hi=65535):
+  """A 64x64 uint16 ramp in row-major order over [lo, hi] (4096 distinct values)."""
+  return np.linspace(lo, hi, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+
+
+def write_16_bit_folder(root):
+  """<root>/<class>/: a full-range 16-bit PNG, the same as TIFF, and a narrow 16-bit TIFF."""
+  for class_name, name, array in (('a', 'full.png', ramp16()), ('b', 'full.tif', ramp16()),
+                                  ('b', 'narrow.tif', ramp16(1000, 5000))):
+    (root / class_name).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(root / class_name / name)
+    with Image.open(root / class_name / name) as image:
+      assert image.mode == 'I;16'  # Written and read back at 16 bits.
+  return {'a/full.png': ramp16(), 'b/full.tif': ramp16(), 'b/narrow.tif': ramp16(1000, 5000)}
+
+
+def build_folder(root, tfds_dir, **kwargs):
+  config = custom.image_folder_config(root, **{'image_size': 64, 'channels': 1,
+                                               'split_fractions': {'train': 1.0}, **kwargs})
+  builder = custom.ImageFolder(config=config, data_dir=tfds_dir)
+  tfds_base.prepare(builder)
+  source = builder.as_data_source('train')
+  return builder, {relpath: source[i]['image'][..., 0]
+                   for i, (relpath, _) in enumerate(config.files['train'])}
+
+
+@pytest.mark.parametrize('policy', ['per_image', 'per_dataset', 'full_range'])
+def test_image_folder_keeps_the_range_of_16_bit_png_and_tiff(tmp_path, policy):
+  written = write_16_bit_folder(tmp_path / 'xray')
+  builder, stored = build_folder(tmp_path / 'xray', tmp_path / 'tfds', high_bit_depth=policy)
+  assert builder.info.metadata['high_bit_depth'] == policy
+  for relpath in ('a/full.png', 'b/full.tif'):
+    flat = stored[relpath].reshape(-1)
+    assert len(np.unique(flat)) > 200, relpath  # Clipping to 8 bits kept 17 values.
+    assert (np.diff(flat.astype(int)) >= 0).all(), relpath  # Order kept.
+    assert flat.min() == 0 and flat.max() == 255 and (flat == 255).mean() < 0.01
+  narrow = stored['b/narrow.tif']
+  if policy == 'per_image':
+    assert narrow.min() == 0 and narrow.max() == 255
+  elif policy == 'per_dataset':
+    assert builder.info.metadata['intensity_range'] == [0.0, 65535.0]
+    np.testing.assert_array_equal(
+        narrow, np.round(written['b/narrow.tif'] / 65535 * 255).astype(np.uint8))
+  else:
+    np.testing.assert_array_equal(narrow, written['b/narrow.tif'] // 256)
+
+
+def test_per_dataset_range_is_kept_when_the_dataset_is_read_again(tmp_path):
+  write_16_bit_folder(tmp_path / 'xray')
+  build_folder(tmp_path / 'xray', tmp_path / 'tfds', high_bit_depth='per_dataset')
+  config = custom.image_folder_config(tmp_path / 'xray', 64, 1, {'train': 1.0},
+                                      high_bit_depth='per_dataset')
+  again = custom.ImageFolder(config=config, data_dir=tmp_path / 'tfds')
+  assert again.is_prepared() and again.info.metadata['intensity_range'] == [0.0, 65535.0]
+
+
+def test_image_folder_refuses_16_bit_by_default_and_writes_nothing(tmp_path):
+  write_16_bit_folder(tmp_path / 'xray')
+  with pytest.raises(custom.images_lib.ImageFileError) as e:
+    build_folder(tmp_path / 'xray', tmp_path / 'tfds')
+  message = str(e.value)
+  assert str(tmp_path / 'xray' / 'a' / 'full.png') in message
+  assert 'high_bit_depth' in message and 'per_dataset' in message
+  assert not (tmp_path / 'tfds').exists() or list((tmp_path / 'tfds').rglob('*')) == []
+
+
+def test_policy_is_part_of_the_config_name(tmp_path):
+  write_16_bit_folder(tmp_path / 'xray')
+  names = {custom.image_folder_config(tmp_path / 'xray', 64, high_bit_depth=p).name
+           for p in ('error', 'per_image', 'per_dataset', 'full_range')}
+  assert len(names) == 4
+  with pytest.raises(ValueError, match="Unknown high_bit_depth 'clip'"):
+    custom.image_folder_config(tmp_path / 'xray', 64, high_bit_depth='clip')
+
+
+def truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def garble(path):
+  path.write_bytes(b'not an image at all' * 20)
+
+
+def lab(path):
+  Image.new('LAB', (8, 8), (50, 10, 10)).save(path, format='TIFF')
+
+
+@pytest.mark.parametrize('damage, message', [
+    (truncate, 'not a whole image PIL can decode.*truncated'),
+    (garble, 'not a whole image PIL can decode'),
+    (lab, "PIL mode 'LAB', which is not supported"),
+    (lambda path: path.unlink(), 'Cannot read image file'),
+])
+def test_image_folder_errors_name_the_file(tmp_path, damage, message):
+  root = tmp_path / 'images'
+  for class_name in ('a', 'b'):
+    (root / class_name).mkdir(parents=True)
+    for i in range(2):
+      noise = np.random.default_rng(i).integers(0, 256, (16, 16), np.uint8)
+      Image.fromarray(noise).save(root / class_name / f'{i}.png')
+  config = custom.image_folder_config(root, 8, 1, {'train': 1.0})
+  bad = root / 'b' / '1.png'
+  damage(bad)  # After the scan: found when the image is decoded.
+  builder = custom.ImageFolder(config=config, data_dir=tmp_path / 'tfds')
+  with pytest.raises((ValueError, OSError), match=message) as e:
+    tfds_base.prepare(builder)
+  assert str(bad) in str(e.value)
+  assert list((tmp_path / 'tfds').rglob('*')) == []  # A failed build leaves nothing.

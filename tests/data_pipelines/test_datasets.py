@@ -129,3 +129,22 @@ def test_missing_npz(shared_data_dir):
   with pytest.raises(FileNotFoundError, match='nothing_here.npz'):
     datasets.get_dataset(dict(name='npz', path='nothing_here.npz'), 'train',
                          data_dir=shared_data_dir)
+
+
+@pytest.mark.parametrize('policy', ['per_image', 'per_dataset'])
+def test_image_folder_16_bit_through_get_dataset(tmp_path, policy):
+  ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+  for class_name, lo in (('a', 0), ('b', 1)):
+    (tmp_path / 'ct' / class_name).mkdir(parents=True)
+    Image.fromarray(ramp // (1 + lo)).save(tmp_path / 'ct' / class_name / 'slice.tif')
+  cfg = dict(name='image_folder', path='ct', image_size=32, channels=1, high_bit_depth=policy,
+             split_fractions={'train': 1.0}, tfds_dir=str(tmp_path / 'tfds'))
+  source, spec = datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
+  image = source[0]['image'][..., 0]
+  assert image.dtype == np.uint8 and len(np.unique(image)) > 200
+  assert f'deeper than 8 bits rescaled {policy}' in spec.variant
+  assert ('over [0, 65535]' in spec.variant) == (policy == 'per_dataset')
+  with pytest.raises(ValueError, match=r"slice.tif.*high_bit_depth"):
+    datasets.get_dataset({**cfg, 'high_bit_depth': 'error'}, 'train', data_dir=tmp_path)
+  with pytest.raises(ValueError, match="Unknown high_bit_depth 'clip'"):
+    datasets.get_dataset({**cfg, 'high_bit_depth': 'clip'}, 'train', data_dir=tmp_path)
