@@ -2,7 +2,8 @@
 
 Files are read from `<data_dir>/medmnist/<flag>.npz` (28 px) or `<flag>_<size>.npz` (64, 128,
 224 px; 3D flags: 64 only), the official file names, or downloaded from the official record
-(zenodo 10519652) into that place when missing. A file is used only when its md5 equals the
+(zenodo 10519652) into that place when missing (`download.fetch`: nothing is left behind when the
+download fails or is stopped by Ctrl-C / SIGTERM). A file is used only when its md5 equals the
 official one (`MD5`) and its arrays have the official keys, dtypes, shapes and split sizes
 (`INFO`); both are checked before anything is written. A file that fails the md5 check is not the
 benchmark: load it as a custom dataset instead (`data_pipelines.custom`, data_cfg name 'npz').
@@ -24,16 +25,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from data_pipelines import data_dir as data_dir_lib
+from data_pipelines import download
 from data_pipelines import npz
 from data_pipelines import tfds_base
 
@@ -322,37 +320,6 @@ def check_layout(path: os.PathLike | str, flag: str, size: int) -> None:
                           f'expected values below {high}')
 
 
-def download(url: str, dest: pathlib.Path, expected_md5: str, timeout: float = 60.0) -> None:
-  """Downloads `url` to `dest` through a temporary file in the same folder, md5-checked.
-
-  The temporary file is renamed to `dest` only when whole and its md5 equals `expected_md5`;
-  otherwise it is deleted and nothing is left at `dest`.
-
-  Raises:
-    NotOfficialFileError: if the md5 of the downloaded bytes differs.
-    OSError: if the download fails (the message says where to put the file by hand).
-  """
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  logging.info('Downloading %s to %s', url, dest)
-  fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
-  tmp = pathlib.Path(tmp_name)
-  try:
-    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=timeout) as response:
-      for chunk in iter(lambda: response.read(1 << 20), b''):
-        out.write(chunk)
-    got = npz.md5sum(tmp)
-    if got != expected_md5:
-      raise NotOfficialFileError(
-          f'Downloaded {url} has md5 {got}, expected the official {expected_md5}; not saved to '
-          f'{dest}. The mirror may serve another file or the transfer was corrupted.')
-    os.replace(tmp, dest)
-  except (urllib.error.URLError, OSError) as e:
-    raise OSError(f'Could not download {url} to {dest}: {e}. Without network access, download '
-                  f'the file elsewhere and put it at {dest}.') from e
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
 def ensure_source(flag: str, size: int, data_dir: os.PathLike | str, *,
                   base_url: str | None = None, allow_download: bool = True) -> pathlib.Path:
   """Returns the verified official file of (flag, size), downloading it when missing.
@@ -368,6 +335,8 @@ def ensure_source(flag: str, size: int, data_dir: os.PathLike | str, *,
     NotOfficialFileError: if the file (local or downloaded) is not the official one.
     FileNotFoundError: if the file is missing and may not be downloaded.
     PermissionError: if it must be downloaded into a read-only data directory.
+    OSError: if the download fails.
+    download.Interrupted: on SIGINT / SIGTERM during the download (its partial file removed).
   """
   path = pathlib.Path(data_dir) / 'medmnist' / filename(flag, size)
   url = official_url(flag, size, base_url or OFFICIAL_BASE_URL)
@@ -378,7 +347,11 @@ def ensure_source(flag: str, size: int, data_dir: os.PathLike | str, *,
     if not data_dir_lib.is_writable(path.parent):
       raise PermissionError(f'{path} is missing and {path.parent} is read-only; point the data '
                             f'directory at a writable place or put the file there by hand.')
-    download(url, path, MD5[filename(flag, size)])
+    try:
+      download.fetch(url, path, MD5[filename(flag, size)])
+    except download.ChecksumError as e:
+      raise NotOfficialFileError(f'{e} Expected the official MedMNIST file '
+                                 f'{filename(flag, size)}.') from e
   else:
     verify_md5(path, flag, size)
   check_layout(path, flag, size)
