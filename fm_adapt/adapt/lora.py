@@ -22,8 +22,10 @@ PEFT (uniform(+-1/sqrt(in))) and `B` at zero, so the adapted model equals the ba
 
 DoRA is defined on the weight, `W' = m * (W + s A B) / ||W + s A B||_col` (column norms over the
 input axis), so a DoRA layer *does* form the merged [in, out] weight in its forward and backward
-pass (as in the paper and PEFT). At init `m = ||W||_col`, so W' equals W up to rounding.
-`merge` folds either into W for export.
+pass (as in the paper and PEFT). The column norm is treated as a constant in the backward pass
+(`stop_gradient`), as Sec. 4.3 of the DoRA paper and PEFT's `DoraLinearLayer` do: gradients reach
+A, B and m only through the numerator, which saves memory and is what the paper trains. At init
+`m = ||W||_col`, so W' equals W up to rounding. `merge` folds either into W for export.
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def _delta(matrix: jax.Array, factors: Mapping[str, jax.Array], scale: float) ->
   merged = matrix + scale * (factors['lora_a'] @ factors['lora_b'])
   if DORA_KEY not in factors:
     return merged
-  return merged * (factors[DORA_KEY] / jnp.linalg.norm(merged, axis=0))
+  norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))  # A constant, as in the paper.
+  return merged * (factors[DORA_KEY] / norm)
 
 
 def merge(params: Tree, lora_tree: Tree, *, scale: float) -> dict[str, Any]:
@@ -176,15 +179,30 @@ def _layer_input(module: nn.Module, x: jax.Array) -> jax.Array:
   return _conv_input(module, x) if isinstance(module, nn.Conv) else x
 
 
-def _check_shape(module: nn.Module, delta: jax.Array, y: jax.Array) -> None:
+def _check_shape(module: nn.Module, delta: jax.Array, y: jax.Array, what: str = 'LoRA branch'
+                 ) -> None:
   if delta.shape != y.shape:
-    raise ValueError(f"LoRA branch of {'/'.join(module.path)!r} has shape {delta.shape} but the "
+    raise ValueError(f"{what} of {'/'.join(module.path)!r} has shape {delta.shape} but the "
                      f'layer output has {y.shape} (padding of a 1x1 conv?).')
+
+
+def _check_factors(module: nn.Module, factors: Mapping[str, jax.Array]) -> tuple[int, int]:
+  """(in, out) of the layer's kernel; fails unless it is a LoRA kernel that fits the factors."""
+  path = '/'.join(module.path)
+  d_in, d_out = _matrix_shape(f'{path}/kernel', module.get_variable('params', 'kernel').shape)
+  a, b = factors['lora_a'].shape, factors['lora_b'].shape
+  m = factors[DORA_KEY].shape if DORA_KEY in factors else (d_out,)
+  if a[0] != d_in or b[1] != d_out or a[1] != b[0] or m != (d_out,):
+    raise ValueError(f'LoRA entry {path!r} has lora_a {a}, lora_b {b}'
+                     f"{f', m {m}' if DORA_KEY in factors else ''}; its kernel is [{d_in}, "
+                     f'{d_out}]. Was the LoRA tree made for another model?')
+  return d_in, d_out
 
 
 def _lora_forward(module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
                   factors: Mapping[str, jax.Array], scale: float) -> jax.Array:
   """orig(x) + s * ((x @ A) @ B), computed on the layer's own (strided) input."""
+  _check_factors(module, factors)
   y = next_fun(*args, **kwargs)
   x = _layer_input(module, args[0] if args else kwargs['inputs'])
   x, a, b = nn.dtypes.promote_dtype(x, factors['lora_a'], factors['lora_b'], dtype=module.dtype)
@@ -197,17 +215,20 @@ def _lora_forward(module: nn.Module, next_fun: Callable[..., Any], args: tuple, 
   return y + delta.astype(y.dtype)
 
 
-def _dora_forward(module: nn.Module, args: tuple, kwargs: dict,
+def _dora_forward(module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
                   factors: Mapping[str, jax.Array], scale: float) -> jax.Array:
   """x @ W' + bias with DoRA's merged weight W' (formed explicitly, by definition)."""
-  kernel = module.get_variable('params', 'kernel')
-  d_in, d_out = kernel.shape[-2], kernel.shape[-1]
-  weight = _delta(kernel.reshape(d_in, d_out), factors, scale)
+  d_in, d_out = _check_factors(module, factors)
   x = _layer_input(module, args[0] if args else kwargs['inputs'])
+  kernel = module.get_variable('params', 'kernel')
+  weight = _delta(kernel.reshape(d_in, d_out), factors, scale)
   bias = module.get_variable('params', 'bias') if module.use_bias else None
   x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias, dtype=module.dtype)
   y = jnp.dot(x, weight, precision=module.precision)
-  return y if bias is None else y + bias
+  y = y if bias is None else y + bias
+  # The layer's own output only for its shape (as LoRA checks); jit drops its computation.
+  _check_shape(module, y, next_fun(*args, **kwargs), 'DoRA output')
+  return y
 
 
 def _interceptor(groups: Mapping[tuple[str, ...], Mapping[str, jax.Array]], scale: float,
@@ -223,7 +244,7 @@ def _interceptor(groups: Mapping[tuple[str, ...], Mapping[str, jax.Array]], scal
       return next_fun(*args, **kwargs)
     used.add(tuple(module.path))
     if DORA_KEY in factors:
-      return _dora_forward(module, args, kwargs, factors, scale)
+      return _dora_forward(module, next_fun, args, kwargs, factors, scale)
     return _lora_forward(module, next_fun, args, kwargs, factors, scale)
 
   return intercept
@@ -248,7 +269,7 @@ def wrap_apply_fn(apply_fn: Callable[..., Any], *, scale: float) -> Callable[...
   """Wraps a `state.make_apply_fn` function so that it applies `params['lora']`.
 
   Args:
-    apply_fn: `apply_fn(params, model_state, images, *, train, rng)`.
+    apply_fn: `apply_fn(params, model_state, images, *, train, rng, **kwargs)` (e.g. `mask`).
     scale: the LoRA scale s (`scaling`).
 
   Returns:
@@ -256,12 +277,12 @@ def wrap_apply_fn(apply_fn: Callable[..., Any], *, scale: float) -> Callable[...
     model sees the parameters and applied through `intercept`.
   """
 
-  def wrapped(params, model_state, images, *, train: bool, rng: jax.Array | None):
+  def wrapped(params, model_state, images, *, train: bool, rng: jax.Array | None, **kwargs):
     params = dict(params)
     lora_tree = params.pop(LORA_KEY, None)
     if not lora_tree:
-      return apply_fn(params, model_state, images, train=train, rng=rng)
+      return apply_fn(params, model_state, images, train=train, rng=rng, **kwargs)
     with intercept(lora_tree, scale=scale):
-      return apply_fn(params, model_state, images, train=train, rng=rng)
+      return apply_fn(params, model_state, images, train=train, rng=rng, **kwargs)
 
   return wrapped

@@ -6,8 +6,9 @@ A parameter tree is a plain nested dict. Paths are '/'-joined keys, e.g.
 """
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.traverse_util
@@ -23,6 +24,42 @@ def flatten(tree: Tree) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   """Inverse of `flatten`."""
   return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def closest_paths(pattern: str, paths: Iterable[str], n: int = 5) -> list[str]:
+  """The `n` paths most similar to a pattern, to suggest what a typo meant.
+
+  Similarity is difflib's: the number of characters in matching blocks (so a long path that
+  shares most of the pattern beats a short one that shares little), then its ratio. Regex
+  syntax is left out of the comparison.
+  """
+  text = re.sub(r"[.*+?^$\\()\[\]{}|]", "", pattern)
+
+  def score(path: str) -> tuple[int, float]:
+    matcher = difflib.SequenceMatcher(None, text, path, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks()), matcher.ratio()
+
+  return sorted(paths, key=score, reverse=True)[:n]
+
+
+def check_patterns_match(patterns: Sequence[str], paths: Iterable[str], *,
+                         what: str = "pattern") -> None:
+  """Fails unless every regex fully matches at least one of `paths`.
+
+  Args:
+    patterns: regexes (full match).
+    paths: the '/'-joined paths they select from.
+    what: name of the patterns in the message, e.g. "LoRA target".
+
+  Raises:
+    ValueError: naming the first pattern that matches nothing and the paths closest to it.
+  """
+  paths = list(paths)
+  for pattern in patterns:
+    rx = re.compile(pattern)
+    if not any(rx.fullmatch(path) for path in paths):
+      raise ValueError(f"{what} {pattern!r} matches no parameter (patterns match whole paths). "
+                       f"Closest paths: {closest_paths(pattern, paths)}")
 
 
 def match_rules(tree: Tree, rules: Sequence[tuple[str, Any]], *, what: str = "rule",
@@ -57,19 +94,25 @@ def match_rules(tree: Tree, rules: Sequence[tuple[str, Any]], *, what: str = "ru
   used = set(assignment.values())
   unused = [compiled[i][1] for i in range(len(compiled)) if i not in used]
   if unused and require_used:
-    raise ValueError(f"{what}(s) {unused} match no parameter. Parameter paths look like: "
-                     f"{list(flatten(tree))[:8]}")
+    closest = {p: closest_paths(p, assignment, n=3) for p in unused}
+    raise ValueError(f"{what}(s) {unused} match no parameter (an earlier rule may take its "
+                     f"paths). Closest paths: {closest}")
   return assignment
 
 
-def make_mask(tree: Tree, patterns: str | Sequence[str]) -> dict[str, Any]:
-  """Returns a same-shaped tree of bools: True where the path fully matches any pattern."""
+def make_mask(tree: Tree, patterns: str | Sequence[str], *, what: str = "pattern"
+              ) -> dict[str, Any]:
+  """Returns a same-shaped tree of bools: True where the path fully matches any pattern.
+
+  Raises:
+    ValueError: if any one pattern matches no path (naming it and the closest paths): in a
+      list of selectors, one with a typo must not be silently ignored.
+  """
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+  paths = list(flatten(tree))
+  check_patterns_match(patterns, paths, what=what)
   compiled = [re.compile(p) for p in patterns]
-  flat = {k: any(rx.fullmatch(k) for rx in compiled) for k in flatten(tree)}
-  if patterns and not any(flat.values()):
-    raise ValueError(f"Patterns {patterns} match no parameter. Paths look like: {list(flat)[:8]}")
-  return unflatten(flat)
+  return unflatten({k: any(rx.fullmatch(k) for rx in compiled) for k in paths})
 
 
 def split(tree: Tree, mask: Tree) -> tuple[dict[str, Any], dict[str, Any]]:

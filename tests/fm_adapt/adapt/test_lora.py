@@ -134,6 +134,78 @@ def test_dora_init_merge_and_grads():
   assert all(np.any(g) for g in jax.tree.leaves(grads))
 
 
+class _DenseNet(nn.Module):
+  """One Dense layer: y = x @ W + b."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Dense(5, name='proj')(x), {}
+
+
+def test_dora_gradients_treat_the_column_norm_as_a_constant():
+  """dL/dA, dL/dB, dL/dm by hand with ||W + sAB|| detached (DoRA paper Sec. 4.3, PEFT)."""
+  rng = np.random.default_rng(7)
+  x, g = rng.normal(size=(3, 4)), rng.normal(size=(3, 5))
+  params = {'proj': {'kernel': rng.normal(size=(4, 5)), 'bias': rng.normal(size=5)}}
+  tree = {'proj': {'lora_a': rng.normal(size=(4, 2)), 'lora_b': rng.normal(size=(2, 5)),
+                   'm': rng.uniform(0.5, 2.0, size=5)}}
+  params, tree = jax.tree.map(lambda a: np.asarray(a, np.float32), (params, tree))
+  s = 0.5
+  apply = lora.wrap_apply_fn(state_lib.make_apply_fn(_DenseNet()), scale=s)
+  loss = lambda t: jnp.sum(apply(dict(params, lora=t), {}, x.astype(np.float32), train=False,
+                                 rng=None)[0] * g)
+  grads = jax.grad(loss)(tree)['proj']
+  a, b, m = (np.float64(tree['proj'][k]) for k in ('lora_a', 'lora_b', 'm'))
+  v = params['proj']['kernel'] + s * a @ b            # W + sAB
+  norm = np.linalg.norm(v, axis=0)                    # a constant in the backward pass
+  d_weight = x.T @ g                                  # dL/dW', W' = m * V / norm
+  d_v = d_weight * (m / norm)
+  np.testing.assert_allclose(grads['lora_a'], s * d_v @ b.T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads['lora_b'], s * a.T @ d_v, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads['m'], (d_weight * v / norm).sum(0), rtol=1e-4, atol=1e-5)
+  # With the norm differentiated, dL/dV would have the extra term below; it is not zero here.
+  extra = -(m / norm) * v * (d_weight * v).sum(0) / norm**2
+  assert np.abs(s * extra @ b.T).max() > 1e-2
+
+
+class _PaddedNet(nn.Module):
+  """A 1x1 conv with explicit padding: its output is larger than its input."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Conv(6, (1, 1), padding=1, name='proj')(x).mean((1, 2)), {}
+
+
+@pytest.mark.parametrize('dora', [False, True])
+def test_lora_and_dora_refuse_a_padded_1x1_conv(dora):
+  model = _PaddedNet()
+  image = np.random.default_rng(3).normal(size=(2, 5, 5, 4)).astype(np.float32)
+  params = _random_variables(model, image.shape)['params']
+  tree = lora.init(params, masks.make_mask(params, 'proj/kernel'), 2, _key(), dora=dora)
+  what = 'DoRA output' if dora else 'LoRA branch'
+  with pytest.raises(ValueError, match=rf"{what} of 'proj' has shape \(2, 5, 5, 6\) but the "
+                                       r'layer output has \(2, 7, 7, 6\)'):
+    _logits_fn(model, 1.0)(dict(params, lora=tree), {}, image)
+
+
+@pytest.mark.parametrize('dora', [False, True])
+def test_lora_and_dora_check_the_kernel_and_factor_shapes(dora):
+  model = efficientnet.Model(num_classes=4, dropout=0.0)
+  image = np.zeros((1, 32, 32, 3), np.float32)
+  variables = _random_variables(model, image.shape)
+  params, state = variables['params'], {'batch_stats': variables['batch_stats']}
+  factors = lambda d_in, d_out: dict(lora_a=np.zeros((d_in, 2), np.float32),
+                                     lora_b=np.zeros((2, d_out), np.float32),
+                                     **({'m': np.ones(d_out, np.float32)} if dora else {}))
+  depthwise = {'block_1': {'dw_conv': factors(96, 96)}}  # A 3x3 kernel: LoRA cannot adapt it.
+  with pytest.raises(ValueError, match=r"'block_1/dw_conv/kernel' has shape \(3, 3, 1, 96\)"):
+    _logits_fn(model, 1.0)(dict(params, lora=depthwise), state, image)
+  wrong = {'head': factors(1280, 3)}  # The head has 4 classes.
+  with pytest.raises(ValueError, match=r"'head' has lora_a \(1280, 2\), lora_b \(2, 3\).*"
+                                       r'\[1280, 4\]'):
+    _logits_fn(model, 1.0)(dict(params, lora=wrong), state, image)
+
+
 class _StridedNet(nn.Module):
   """A 1x1 stride-2 conv (like ResNet's projection shortcut) and a Dense head."""
 

@@ -13,8 +13,23 @@ def test_make_mask_full_match():
   assert mask == {"encoder/block_0/mlp/fc1/kernel": False, "encoder/block_0/mlp/fc1/bias": False,
                   "head/kernel": True, "head/bias": True}
   # 'head' alone does not fullmatch 'head/kernel': a selector that matches nothing is an error.
-  with pytest.raises(ValueError, match="match no parameter"):
+  with pytest.raises(ValueError, match="matches no parameter"):
     masks.make_mask(TREE, "head")
+
+
+def test_make_mask_every_pattern_must_match():
+  """A typo in one of several patterns is an error naming it and the closest paths."""
+  with pytest.raises(ValueError, match=r"LoRA target '.\*fc2/kernel' matches no parameter.*"
+                                       r"Closest paths: \['encoder/block_0/mlp/fc1/kernel'"):
+    masks.make_mask(TREE, ["head/kernel", ".*fc2/kernel"], what="LoRA target")
+  mask = masks.flatten(masks.make_mask(TREE, ["head/kernel", ".*fc1/kernel"]))
+  assert [p for p, m in mask.items() if m] == ["encoder/block_0/mlp/fc1/kernel", "head/kernel"]
+
+
+def test_closest_paths():
+  paths = ["encoder/block_0/attn/query/kernel", "encoder/block_0/attn/value/kernel", "head/bias"]
+  assert masks.closest_paths(".*atn/value/kernel", paths, n=1) == [
+      "encoder/block_0/attn/value/kernel"]
 
 
 def test_split_merge_roundtrip():
@@ -29,7 +44,7 @@ def test_split_merge_roundtrip():
 def test_match_rules_lists_unmatched_paths():
   with pytest.raises(ValueError, match=r"encoder/block_0/mlp/fc1/kernel"):
     masks.match_rules(TREE, [("head/.*", 1), (".*bias", 2)])
-  with pytest.raises(ValueError, match=r"\['nothing/.*'\] match no parameter"):
+  with pytest.raises(ValueError, match=r"\['nothing/.*'\] match no parameter.*Closest paths"):
     masks.match_rules(TREE, [(".*", 1), ("nothing/.*", 2)])
   assert masks.match_rules(TREE, [("head/.*", 0), (".*", 1)])["head/bias"] == 0
 
