@@ -1,24 +1,29 @@
 """Composing adaptation transforms from `config.adapt`, and schedules that freeze the rest.
 
   config.model_name = 'vit'
-  config.adapt = [dict(kind='lora', rank=8, alpha=16, targets='.*attn/(query|value)/kernel'),
-                  dict(kind='vpt', mode='deep', num_tokens=10)]
+  config.adapt = [dict(name='lora', rank=8, alpha=16, targets='.*attn/(query|value)/kernel'),
+                  dict(name='vpt', mode='deep', num_tokens=10)]
   adaptation = compose.apply_transforms(config.adapt, config.model_name, config.model)
-  model = models.get_model(config.model_name, num_classes=..., **adaptation.model_kwargs)
-  params = adaptation.init_extra(model.init(rng, images)['params'], lora_rng)
+  model = models.get_model(config.model_name, num_classes=..., **config.model)
+  params = adaptation.init_extra(model.init(rng, images)['params'], extra_rng)
   apply_fn = adaptation.wrap_apply(state.make_apply_fn(model))
   config.schedule = compose.schedule_for(adaptation, dict(decay_type='cosine'))
   export = adaptation.merge(params)          # LoRA folded into W; prompts / adapters kept
 
-Transforms (the registry TRANSFORMS; each kind at most once) and what they make trainable:
+Every transform is a pure pytree transform attached from outside the model: `init_extra` adds
+its parameters (made from the base parameters), `wrap_apply` takes them out again and applies
+them by intercepting module calls (`flax.linen.intercept_methods`). Models know nothing of
+adaptation. Transforms (the registry TRANSFORMS; each at most once; `name` says which) and
+what they make trainable:
 
-  lora     rank, targets (regex or list), alpha=None (= rank), rslora=False, dora=False
-           -> a `lora/` subtree added by init_extra, applied by wrap_apply       'lora/.*'
-  vpt      mode ('shallow' | 'deep'), num_tokens, dropout=0.0  -> model prompt  'prompt/.*'
-  ept      num_tokens (embedded prompt tuning)                  -> model prompt  'prompt/.*'
-  adapter  ViT: mode ('sequential' | 'parallel'), dim, where, scale, act;
-           EfficientNet: dim | reduction, blocks, act           -> model adapter '.*adapter.*'
-  bitfit   (no options)                                                           '.*bias'
+  lora     rank, targets (regex or list; each must match), alpha=None (= rank), rslora=False,
+           dora=False  -> a `lora/` subtree (`fm_adapt.adapt.lora`)                   'lora/.*'
+  vpt      mode ('shallow' | 'deep'), num_tokens, dropout=0.0 -> `prompt/`           'prompt/.*'
+  ept      num_tokens (embedded prompt tuning)                 -> `prompt/`           'prompt/.*'
+  adapter  mode ('sequential' | 'parallel'), dim | reduction, where, blocks, scale, act
+           -> `.../adapter...` subtrees at the model family's sites
+              (`fm_adapt.adapt.adapters.PLACEMENTS`)                                '.*adapter.*'
+  bitfit   (no options)                                                                '.*bias'
 
 plus 'head/.*' unless `train_head=False`. Linear probing, BitFit, partial and LayerNorm-only
 fine-tuning need no transform at all: they are schedules (`SCHEDULE_PRESETS`).
@@ -35,14 +40,30 @@ from typing import Any
 import jax
 
 from fm_adapt.adapt import adapters, lora, masks, prompts
-from fm_adapt.models import efficientnet
 
 Params = dict[str, Any]
 Rule = tuple[str, Any]
-# What a transform contributes: (model kwarg updates, trainable patterns).
-Contribution = tuple[dict[str, Any], list[str]]
+ApplyFn = Callable[..., Any]
 
 HEAD_PATTERN = 'head/.*'
+NAME_KEY = 'name'
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """What one transform contributes.
+
+  Attributes:
+    patterns: regexes of the parameters it makes trainable.
+    init: `init(base_params, rng) -> tree` of its own parameters (disjoint from the base), or
+      None when it adds none.
+    wrap: wraps a `state.make_apply_fn`-style apply function, or None.
+    merge: `merge(params) -> params` folding it into the base parameters for export, or None.
+  """
+  patterns: tuple[str, ...]
+  init: Callable[[Params, jax.Array], Params] | None = None
+  wrap: Callable[[ApplyFn], ApplyFn] | None = None
+  merge: Callable[[Params], Params] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +71,17 @@ class Adaptation:
   """What a list of transforms does to a model.
 
   Attributes:
-    model_kwargs: the model's kwargs with the prompt / adapter fields set.
-    init_extra: `init_extra(params, rng) -> params`, adding the transforms' own subtrees (LoRA)
-      to an initialized (or `eval_shape`d) parameter tree.
-    wrap_apply: wraps a `state.make_apply_fn`-style apply function (applies LoRA).
+    model_kwargs: the model's kwargs, unchanged (transforms add no model fields).
+    init_extra: `init_extra(params, rng) -> params`, adding the transforms' own parameters
+      (each made from the base parameters) to an initialized (or `eval_shape`d) tree.
+    wrap_apply: wraps a `state.make_apply_fn`-style apply function (applies the transforms).
     trainable_patterns: regexes of the parameters the transforms make trainable.
     merge: `merge(params) -> params` for export (folds LoRA into the kernels).
     transforms: the checked transform configs, in order.
   """
   model_kwargs: dict[str, Any]
   init_extra: Callable[[Params, jax.Array], Params]
-  wrap_apply: Callable[[Callable[..., Any]], Callable[..., Any]]
+  wrap_apply: Callable[[ApplyFn], ApplyFn]
   trainable_patterns: list[str]
   merge: Callable[[Params], Params]
   transforms: tuple[dict[str, Any], ...] = ()
@@ -68,112 +89,10 @@ class Adaptation:
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """One registry entry: its valid and required keys, and what it contributes.
-
-  `build(cfg, model_name, model_kwargs) -> (model kwarg updates, trainable patterns)`.
-  """
+  """One registry entry: its valid and required keys, and `build(cfg, model_name) -> Part`."""
   keys: tuple[str, ...]
   required: tuple[str, ...]
-  build: Callable[[dict[str, Any], str, Mapping[str, Any]], Contribution]
-
-
-# Models taking the `prompt` / `adapter` fields, by model name.
-PROMPT_MODELS = ('vit',)
-ADAPTER_CHECKS: dict[str, Callable[[dict[str, Any], Mapping[str, Any]], Any]] = {
-    'vit': lambda cfg, kwargs: adapters.check_vit_config(cfg),
-    'efficientnet': lambda cfg, kwargs: adapters.check_cnn_config(
-        cfg, len(efficientnet.decode_variant(kwargs.get('variant', 'lite0'))[1])),
-}
-
-
-def _lora(cfg: dict[str, Any], model_name: str,
-          model_kwargs: Mapping[str, Any]) -> Contribution:
-  del model_name, model_kwargs  # LoRA works on any model's Dense / 1x1 Conv kernels.
-  if not cfg['targets']:
-    raise ValueError("lora needs non-empty 'targets' (kernel path regexes).")
-  lora.scaling(cfg['rank'], cfg.get('alpha'), rslora=cfg.get('rslora', False))  # Validates.
-  return {}, ['lora/.*']
-
-
-def _prompt_kwargs(model_name: str, prompt: dict[str, Any]) -> dict[str, Any]:
-  if model_name not in PROMPT_MODELS:
-    raise ValueError(f'Prompt tokens need a model with a prompt field: {list(PROMPT_MODELS)}; '
-                     f'got {model_name!r}.')
-  prompts.check_config(prompt)
-  return {'prompt': prompt}
-
-
-def _vpt(cfg: dict[str, Any], model_name: str,
-         model_kwargs: Mapping[str, Any]) -> Contribution:
-  del model_kwargs
-  modes = ('shallow', 'deep')
-  if cfg['mode'] not in modes:
-    raise ValueError(f"Unknown vpt mode {cfg['mode']!r}; valid: {list(modes)}.")
-  prompt = dict(kind=f"vpt_{cfg['mode']}", num_tokens=cfg['num_tokens'],
-                dropout=cfg.get('dropout', 0.0))
-  return _prompt_kwargs(model_name, prompt), ['prompt/.*']
-
-
-def _ept(cfg: dict[str, Any], model_name: str,
-         model_kwargs: Mapping[str, Any]) -> Contribution:
-  del model_kwargs
-  prompt = dict(kind='ept', num_tokens=cfg['num_tokens'])
-  return _prompt_kwargs(model_name, prompt), ['prompt/.*']
-
-
-def _adapter(cfg: dict[str, Any], model_name: str,
-             model_kwargs: Mapping[str, Any]) -> Contribution:
-  if model_name not in ADAPTER_CHECKS:
-    raise ValueError(f'Adapters need a model with an adapter field: {sorted(ADAPTER_CHECKS)}; '
-                     f'got {model_name!r}.')
-  adapter = {k: v for k, v in cfg.items() if k not in ('kind', 'mode')}
-  if model_name == 'vit':
-    if 'mode' not in cfg:
-      raise ValueError(f"adapter on 'vit' needs mode: one of {list(adapters.VIT_KINDS)}.")
-    adapter['kind'] = cfg['mode']
-  elif 'mode' in cfg:
-    raise ValueError(f'adapter on {model_name!r} takes no mode (a residual bottleneck after '
-                     'each chosen block).')
-  ADAPTER_CHECKS[model_name](adapter, model_kwargs)
-  return {'adapter': adapter}, ['.*adapter.*']
-
-
-def _bitfit(cfg: dict[str, Any], model_name: str,
-            model_kwargs: Mapping[str, Any]) -> Contribution:
-  del cfg, model_name, model_kwargs
-  return {}, ['.*bias']
-
-
-TRANSFORMS: dict[str, Transform] = {
-    'lora': Transform(('kind', 'rank', 'targets', 'alpha', 'rslora', 'dora'),
-                      ('rank', 'targets'), _lora),
-    'vpt': Transform(('kind', 'mode', 'num_tokens', 'dropout'), ('mode', 'num_tokens'), _vpt),
-    'ept': Transform(('kind', 'num_tokens'), ('num_tokens',), _ept),
-    'adapter': Transform(('kind', 'mode', 'dim', 'reduction', 'where', 'scale', 'act', 'blocks'),
-                         (), _adapter),
-    'bitfit': Transform(('kind',), (), _bitfit),
-}
-
-
-def check_transform(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """Checks one transform config's kind and keys against TRANSFORMS.
-
-  Raises:
-    ValueError: for an unknown kind (listing valid kinds), unknown keys or missing keys
-      (listing the valid keys of that kind).
-  """
-  cfg = dict(cfg)
-  kind = cfg.get('kind')
-  if kind not in TRANSFORMS:
-    raise ValueError(f'Unknown adaptation kind {kind!r}; valid kinds: {sorted(TRANSFORMS)}.')
-  spec = TRANSFORMS[kind]
-  unknown = sorted(set(cfg) - set(spec.keys))
-  missing = [k for k in spec.required if k not in cfg]
-  if unknown or missing:
-    what = f'unknown keys {unknown}' if unknown else f'missing keys {missing}'
-    raise ValueError(f'Adaptation {kind!r}: {what}; valid keys: {list(spec.keys)}, '
-                     f'required: {list(spec.required)}.')
-  return cfg
+  build: Callable[[dict[str, Any], str], Part]
 
 
 def _targets(cfg: Mapping[str, Any]) -> list[str]:
@@ -181,22 +100,134 @@ def _targets(cfg: Mapping[str, Any]) -> list[str]:
   return [targets] if isinstance(targets, str) else list(targets)
 
 
-def _make_init_extra(lora_cfg: Mapping[str, Any] | None):
-  def init_extra(params: Params, rng: jax.Array) -> Params:
-    if lora_cfg is None:
-      return dict(params)
+def _lora(cfg: dict[str, Any], model_name: str) -> Part:
+  del model_name  # LoRA works on any model's Dense / 1x1 Conv kernels.
+  targets = _targets(cfg)
+  if not targets:
+    raise ValueError("lora needs non-empty 'targets' (kernel path regexes).")
+  scale = lora.scaling(cfg['rank'], cfg.get('alpha'), rslora=cfg.get('rslora', False))
+
+  def init(params: Params, rng: jax.Array) -> Params:
     if lora.LORA_KEY in params:
-      raise ValueError("params already hold a 'lora' subtree.")
-    mask = masks.make_mask(params, _targets(lora_cfg))
+      raise ValueError(f"params already hold a {lora.LORA_KEY!r} subtree.")
+    mask = masks.make_mask(params, targets, what='LoRA target')
     selected = [p for p, m in masks.flatten(mask).items() if m]
-    logging.info('LoRA rank %d on %d kernels: %s', lora_cfg['rank'], len(selected), selected)
-    tree = lora.init(params, mask, lora_cfg['rank'], rng, dora=lora_cfg.get('dora', False))
-    return dict(params, **{lora.LORA_KEY: tree})
+    logging.info('LoRA rank %d on %d kernels: %s', cfg['rank'], len(selected), selected)
+    return {lora.LORA_KEY: lora.init(params, mask, cfg['rank'], rng,
+                                     dora=cfg.get('dora', False))}
+
+  return Part(('lora/.*',), init, lambda fn: lora.wrap_apply_fn(fn, scale=scale),
+              lambda params: lora.merge(params, params[lora.LORA_KEY], scale=scale))
+
+
+def _prompt_part(prompt: dict[str, Any]) -> Part:
+  prompt = prompts.check_config(prompt)
+  return Part(('prompt/.*',),
+              lambda params, rng: {prompts.PROMPT_KEY: prompts.init(params, prompt, rng)},
+              lambda fn: prompts.wrap_apply_fn(fn, prompt))
+
+
+def _vpt(cfg: dict[str, Any], model_name: str) -> Part:
+  del model_name  # Any model with the ViT layout (see fm_adapt.adapt.prompts).
+  modes = ('shallow', 'deep')
+  if cfg['mode'] not in modes:
+    raise ValueError(f"Unknown vpt mode {cfg['mode']!r}; valid: {list(modes)}.")
+  return _prompt_part(dict(kind=f"vpt_{cfg['mode']}", num_tokens=cfg['num_tokens'],
+                           dropout=cfg.get('dropout', 0.0)))
+
+
+def _ept(cfg: dict[str, Any], model_name: str) -> Part:
+  del model_name
+  return _prompt_part(dict(kind='ept', num_tokens=cfg['num_tokens']))
+
+
+def _adapter(cfg: dict[str, Any], model_name: str) -> Part:
+  checked = adapters.check_config({k: v for k, v in cfg.items() if k != NAME_KEY}, model_name)
+  return Part(('.*adapter.*',),
+              lambda params, rng: adapters.init(params, checked, model_name, rng),
+              lambda fn: adapters.wrap_apply_fn(fn, checked, model_name))
+
+
+def _bitfit(cfg: dict[str, Any], model_name: str) -> Part:
+  del cfg, model_name
+  return Part(('.*bias',))
+
+
+TRANSFORMS: dict[str, Transform] = {
+    'lora': Transform(('name', 'rank', 'targets', 'alpha', 'rslora', 'dora'),
+                      ('rank', 'targets'), _lora),
+    'vpt': Transform(('name', 'mode', 'num_tokens', 'dropout'), ('mode', 'num_tokens'), _vpt),
+    'ept': Transform(('name', 'num_tokens'), ('num_tokens',), _ept),
+    'adapter': Transform(('name', *adapters.KEYS), (), _adapter),
+    'bitfit': Transform(('name',), (), _bitfit),
+}
+# Transforms that both write the same subtree.
+_EXCLUSIVE = ({'vpt', 'ept'},)
+
+
+def check_transform(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Checks one transform config's name and keys against TRANSFORMS.
+
+  Raises:
+    ValueError: for the old word 'kind', an unknown name (listing valid names), unknown keys or
+      missing keys (listing the valid keys of that transform).
+  """
+  cfg = dict(cfg)
+  if 'kind' in cfg:
+    raise ValueError(f"config.adapt entries say which transform with 'name' (the word is now "
+                     f"'name', not 'kind'): write dict(name={cfg['kind']!r}, ...); got {cfg}.")
+  name = cfg.get(NAME_KEY)
+  if name not in TRANSFORMS:
+    raise ValueError(f'Unknown adaptation name {name!r}; valid names: {sorted(TRANSFORMS)}.')
+  spec = TRANSFORMS[name]
+  unknown = sorted(set(cfg) - set(spec.keys))
+  missing = [k for k in spec.required if k not in cfg]
+  if unknown or missing:
+    what = f'unknown keys {unknown}' if unknown else f'missing keys {missing}'
+    raise ValueError(f'Adaptation {name!r}: {what}; valid keys: {list(spec.keys)}, '
+                     f'required: {list(spec.required)}.')
+  return cfg
+
+
+def _checked(adapt_cfgs: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+  checked = []
+  for cfg in adapt_cfgs or ():
+    cfg = check_transform(cfg)
+    if any(c[NAME_KEY] == cfg[NAME_KEY] for c in checked):
+      raise ValueError(f"Adaptation {cfg[NAME_KEY]!r} given twice; combine them into one.")
+    clash = next((c for c in checked for group in _EXCLUSIVE
+                  if {c[NAME_KEY], cfg[NAME_KEY]} <= group), None)
+    if clash is not None:
+      raise ValueError(f"Adaptations {clash[NAME_KEY]!r} and {cfg[NAME_KEY]!r} both make the "
+                       "prompt; choose one.")
+    checked.append(cfg)
+  return checked
+
+
+def _make_init_extra(parts: Sequence[Part]) -> Callable[[Params, jax.Array], Params]:
+  def init_extra(params: Params, rng: jax.Array) -> Params:
+    with_init = [p for p in parts if p.init is not None]
+    keys = jax.random.split(rng, max(len(with_init), 1))
+    # Each transform sees the base parameters only (a LoRA target never selects an adapter).
+    return masks.merge(params, *(p.init(params, key) for p, key in zip(with_init, keys)))
   return init_extra
 
 
-def _lora_scale(cfg: Mapping[str, Any]) -> float:
-  return lora.scaling(cfg['rank'], cfg.get('alpha'), rslora=cfg.get('rslora', False))
+def _make_wrap(parts: Sequence[Part]) -> Callable[[ApplyFn], ApplyFn]:
+  def wrap(apply_fn: ApplyFn) -> ApplyFn:
+    for part in parts:
+      apply_fn = part.wrap(apply_fn) if part.wrap is not None else apply_fn
+    return apply_fn
+  return wrap
+
+
+def _make_merge(parts: Sequence[Part]) -> Callable[[Params], Params]:
+  def merge(params: Params) -> Params:
+    params = dict(params)
+    for part in parts:
+      params = part.merge(params) if part.merge is not None else params
+    return params
+  return merge
 
 
 def apply_transforms(adapt_cfgs: Sequence[Mapping[str, Any]] | None, model_name: str,
@@ -205,7 +236,7 @@ def apply_transforms(adapt_cfgs: Sequence[Mapping[str, Any]] | None, model_name:
   """Builds the `Adaptation` of a list of transform configs (`config.adapt`).
 
   Args:
-    adapt_cfgs: transform dicts, each with a 'kind' in TRANSFORMS (None or [] adapts nothing).
+    adapt_cfgs: transform dicts, each with a 'name' in TRANSFORMS (None or [] adapts nothing).
     model_name: the model's name in `fm_adapt.models.MODELS` ('vit', 'resnet', 'efficientnet').
     model_kwargs: the model's configuration (`config.model`); not modified.
     train_head: add 'head/.*' to the trainable patterns.
@@ -214,33 +245,19 @@ def apply_transforms(adapt_cfgs: Sequence[Mapping[str, Any]] | None, model_name:
     The Adaptation.
 
   Raises:
-    ValueError: for unknown kinds or keys, a kind given twice, a model that lacks a needed field,
-      or a prompt / adapter field the model kwargs already set.
+    ValueError: for unknown names or keys, the old word 'kind', a transform given twice, or
+      options the model family does not support.
   """
-  kwargs, patterns, checked, lora_cfg = dict(model_kwargs or {}), [], [], None
-  for cfg in adapt_cfgs or ():
-    cfg = check_transform(cfg)
-    if any(c['kind'] == cfg['kind'] for c in checked):
-      raise ValueError(f"Adaptation kind {cfg['kind']!r} given twice; combine them into one.")
-    updates, new_patterns = TRANSFORMS[cfg['kind']].build(cfg, model_name, kwargs)
-    clash = sorted(k for k in updates if kwargs.get(k) is not None)
-    if clash:
-      raise ValueError(f"Adaptation {cfg['kind']!r} sets model field(s) {clash}, already set "
-                       f'to {[kwargs[k] for k in clash]}.')
-    kwargs.update(updates)
-    patterns += [p for p in new_patterns if p not in patterns]
-    checked.append(cfg)
-    lora_cfg = cfg if cfg['kind'] == 'lora' else lora_cfg
+  checked = _checked(adapt_cfgs)
+  parts = [TRANSFORMS[cfg[NAME_KEY]].build(cfg, model_name) for cfg in checked]
+  patterns = []
+  for part in parts:
+    patterns += [p for p in part.patterns if p not in patterns]
   if train_head and HEAD_PATTERN not in patterns:
     patterns.append(HEAD_PATTERN)
-  if lora_cfg is None:
-    wrap, merge = (lambda fn: fn), (lambda params: dict(params))
-  else:
-    scale = _lora_scale(lora_cfg)
-    wrap = lambda fn: lora.wrap_apply_fn(fn, scale=scale)
-    merge = lambda params: lora.merge(params, params[lora.LORA_KEY], scale=scale)
-  return Adaptation(model_kwargs=kwargs, init_extra=_make_init_extra(lora_cfg), wrap_apply=wrap,
-                    trainable_patterns=patterns, merge=merge, transforms=tuple(checked))
+  return Adaptation(model_kwargs=dict(model_kwargs or {}), init_extra=_make_init_extra(parts),
+                    wrap_apply=_make_wrap(parts), trainable_patterns=patterns,
+                    merge=_make_merge(parts), transforms=tuple(checked))
 
 
 def union(patterns: Sequence[str]) -> str:

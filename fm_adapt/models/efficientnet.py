@@ -13,20 +13,17 @@ Parameter names are chosen for path regexes:
   block_{i}/dw_conv, dw_bn
   block_{i}/project_conv, project_bn
   head_conv, head_bn, head           (head is the nn.Dense classifier)
-  block_{i}/adapter/{down,up}        optional bottleneck adapter (Model.adapter)
 
 Expand and project convolutions are 1x1 `nn.Conv` (kernels [1, 1, I, O]; all convolutions are
 `fm_adapt.models.conv.Conv`, an nn.Conv subclass) and the classifier is `nn.Dense`, so kernel
 transforms such as LoRA can target them.
 """
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import adapters
 from fm_adapt.models import conv
 
 
@@ -115,13 +112,10 @@ class MBConv(nn.Module):
   Attributes:
     spec: the block's channels, kernel, stride and expansion.
     dtype: compute dtype.
-    adapter: None, or a config checked by `adapters.check_cnn_config`: a residual bottleneck
-      adapter `x + up(act(down(x)))` (zero-initialized `up`) on the block's output.
     conv_impl: convolution implementation, see `conv.Conv`.
   """
   spec: BlockSpec
   dtype: Any = jnp.float32
-  adapter: Mapping[str, Any] | None = None
   conv_impl: str = 'auto'
 
   @nn.compact
@@ -139,9 +133,6 @@ class MBConv(nn.Module):
     x = _batch_norm(train, self.dtype, 'project_bn')(x)
     if spec.stride == 1 and spec.features_in == spec.features_out:
       x = x + inputs
-    if self.adapter is not None:
-      dim = adapters.cnn_width(self.adapter, spec.features_out)
-      x = x + adapters.Bottleneck(dim, self.adapter['act'], dtype=self.dtype, name='adapter')(x)
     return x
 
 
@@ -154,9 +145,6 @@ class Model(nn.Module):
     dropout: dropout rate before the classifier (active with train=True, which
       then needs a 'dropout' rng).
     dtype: computation dtype; parameters stay float32.
-    adapter: None, or residual bottleneck adapters after MBConv blocks, e.g.
-      dict(dim=16) (every block) or dict(reduction=4, blocks=(-4, -3, -2, -1)); see
-      `adapters.check_cnn_config`. Parameters `block_{i}/adapter/{down,up}`.
     conv_impl: convolution implementation of every conv: 'auto' (fast gradients on CPU,
       plain XLA elsewhere), 'xla' or 'im2col_grad'; see `fm_adapt.models.conv`.
   """
@@ -164,13 +152,10 @@ class Model(nn.Module):
   variant: str = 'lite0'
   dropout: float = 0.2
   dtype: Any = jnp.float32
-  adapter: Mapping[str, Any] | None = None
   conv_impl: str = 'auto'
 
   def __post_init__(self):
-    _, blocks, _ = decode_variant(self.variant)  # An unknown variant fails at construction.
-    if self.adapter is not None:
-      adapters.check_cnn_config(self.adapter, len(blocks))
+    decode_variant(self.variant)  # An unknown variant fails at construction.
     super().__post_init__()
 
   @nn.compact
@@ -192,12 +177,8 @@ class Model(nn.Module):
     out = {}
     x = jnp.asarray(image, self.dtype)
     x = Stem(stem_features, self.dtype, self.conv_impl, name='stem')(x, train=train)
-    adapter = (None if self.adapter is None
-               else adapters.check_cnn_config(self.adapter, len(blocks)))
     for i, spec in enumerate(blocks):
-      block_adapter = adapter if adapter and i in adapter['blocks'] else None
-      x = MBConv(spec, self.dtype, block_adapter, self.conv_impl,
-                 name=f'block_{i}')(x, train=train)
+      x = MBConv(spec, self.dtype, self.conv_impl, name=f'block_{i}')(x, train=train)
     x = _conv(head_features, 1, 1, self.dtype, 'head_conv', conv_impl=self.conv_impl)(x)
     x = nn.relu6(_batch_norm(train, self.dtype, 'head_bn')(x))
     out['features'] = x

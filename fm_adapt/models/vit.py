@@ -13,16 +13,21 @@ names fixed for checkpoint importers and LoRA selectors:
   encoder/norm/{scale,bias}
   head/{kernel,bias}                         only when num_classes is set
 
-Optional adaptation parameters (absent unless configured; see `fm_adapt.adapt.prompts` and
-`fm_adapt.adapt.adapters`):
+Module paths (also calls that adaptation transforms may intercept from outside, the way
+`flax.linen.intercept_methods` lets them; this module knows nothing of adaptation):
 
-  prompt/shallow [1,n,D] | prompt/deep [L,n,D] | prompt/ept [L,T,n]     prompt=dict(kind=...)
-  encoder/block_{i}/adapter_{attn,mlp}/{down,up}/{kernel,bias}          adapter=dict(kind=...)
+  embedding                                  patch embedding, `__call__(image)`
+  encoder                                    `__call__(tokens [B,T,D], deterministic)`: blocks
+                                             and the final norm
+  encoder/block_{i}                          `__call__(tokens [B,T,D], deterministic)`
+  encoder/block_{i}/ln_attn, attn, drop_attn the attention branch: its input (the residual
+                                             stream) enters ln_attn, its output leaves drop_attn
+  encoder/block_{i}/attn/core                `__call__(q, k, v) -> [B,T,H,d]`, the attention
+                                             itself (`DotProductAttention`, no parameters)
+  encoder/block_{i}/ln_mlp, mlp, drop_mlp    the MLP branch, likewise
 
 Conventions worth knowing:
-  * Token layout is [cls?, patches...]. VPT prompt tokens are inserted right after the class
-    token and removed again after the final norm, so `out['encoded']` always has the layout
-    [cls?, patches...]; code that wants the patches takes the *last* N tokens.
+  * Token layout is [cls?, patches...]; code that wants the patches takes the *last* N tokens.
   * The position embedding covers only the patch tokens; the class token gets none (as in
     big_vision). timm / the original ViT add a position row to the class token too; since that
     row is a constant added to a learned constant, an importer folds it in exactly:
@@ -32,7 +37,6 @@ Conventions worth knowing:
   * LayerNorm epsilon is 1e-6 (big_vision / timm ViT).
   * Parameters are float32; `dtype` only sets the compute dtype. Logits are returned in float32.
 """
-from collections.abc import Mapping
 import re
 from typing import Any
 
@@ -41,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_adapt.adapt import adapters, prompts
 from fm_adapt.models import activations
 
 Array = jax.Array
@@ -102,6 +105,17 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.) -
   return jnp.asarray(pe, jnp.float32)[None]
 
 
+class DotProductAttention(nn.Module):
+  """softmax(q k^T / sqrt(d)) v; a module of its own (no parameters) so that its call has a path.
+
+  Transforms that change the attention map itself (embedded prompt tuning) intercept this call.
+  """
+
+  def __call__(self, q: Array, k: Array, v: Array) -> Array:
+    """Attends with queries, keys and values [B, T, H, d]; returns [B, T, H, d]."""
+    return jax.nn.dot_product_attention(q, k, v)  # Scale 1/sqrt(d).
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate [D, D] query/key/value/out kernels.
 
@@ -113,14 +127,8 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, prompt: Array | None = None) -> Array:
-    """Applies self-attention to tokens x of shape [B, T, D].
-
-    Args:
-      x: tokens [B, T, D].
-      prompt: optional EPT prompt logits [T, n] embedded as extra attention channels (see
-        `prompts.ept_attention`); None is plain attention.
-    """
+  def __call__(self, x: Array) -> Array:
+    """Applies self-attention to tokens x of shape [B, T, D]."""
     b, t, d = x.shape
     if d % self.num_heads:
       raise ValueError(f'Width {d} is not divisible by num_heads={self.num_heads}.')
@@ -128,10 +136,7 @@ class Attention(nn.Module):
                                   kernel_init=nn.initializers.xavier_uniform())
     heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
     q, k, v = (heads(dense(name)(x)) for name in ('query', 'key', 'value'))
-    if prompt is None:
-      y = jax.nn.dot_product_attention(q, k, v)  # [B, T, H, D/H], scale 1/sqrt(D/H).
-    else:
-      y = prompts.ept_attention(q, k, v, prompt)
+    y = DotProductAttention(name='core')(q, k, v)
     return dense('out')(y.reshape(b, t, d))
 
 
@@ -159,58 +164,36 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(ln_attn(x)), then x + mlp(ln_mlp(x)).
+  """Pre-norm transformer block: x + drop_attn(attn(ln_attn(x))), then likewise with the MLP.
 
-  Each residual branch is computed by its own method; bottleneck adapters (`adapter`) are added
-  on the branch output before the residual add.
+  Each residual branch ends in its own (parameter-free) dropout module, so its output has a
+  module path of its own (`drop_attn`, `drop_mlp`).
 
   Attributes:
     mlp_dim: hidden width of the MLP.
     num_heads: number of attention heads.
     dropout: dropout rate on each residual branch (and inside the MLP).
     dtype: compute dtype.
-    adapter: a config checked by `adapters.check_vit_config`, or None.
   """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  adapter: Mapping[str, Any] | None = None
 
   def setup(self):
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name=name)
     self.ln_attn = norm('ln_attn')
     self.attn = Attention(num_heads=self.num_heads, dtype=self.dtype, name='attn')
+    self.drop_attn = nn.Dropout(rate=self.dropout, name='drop_attn')
     self.ln_mlp = norm('ln_mlp')
     self.mlp = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
                         name='mlp')
-    self.drop = nn.Dropout(rate=self.dropout)
-    where = self.adapter['where'] if self.adapter else ()
-    make = lambda name: adapters.Bottleneck(self.adapter['dim'], self.adapter['act'],
-                                            dtype=self.dtype, name=name)
-    self.adapter_attn = make('adapter_attn') if 'attn' in where else None
-    self.adapter_mlp = make('adapter_mlp') if 'mlp' in where else None
+    self.drop_mlp = nn.Dropout(rate=self.dropout, name='drop_mlp')
 
-  def attn_branch(self, x: Array, deterministic: bool, prompt: Array | None = None) -> Array:
-    """The attention residual branch (without the residual add); prompt: EPT logits [T, n]."""
-    return self.drop(self.attn(self.ln_attn(x), prompt), deterministic)
-
-  def mlp_branch(self, x: Array, deterministic: bool) -> Array:
-    """The MLP residual branch (without the residual add)."""
-    return self.drop(self.mlp(self.ln_mlp(x), deterministic), deterministic)
-
-  def adapted(self, adapter: nn.Module | None, x: Array, y: Array) -> Array:
-    """Adds the adapter to branch output y (x: the branch input, read by 'parallel')."""
-    if adapter is None:
-      return y
-    source = y if self.adapter['kind'] == 'sequential' else x
-    return y + self.adapter['scale'] * adapter(source)
-
-  def __call__(self, x: Array, deterministic: bool = True,
-               prompt: Array | None = None) -> Array:
-    """Applies the block to tokens x of shape [B, T, D] (prompt: EPT logits [T, n])."""
-    x = x + self.adapted(self.adapter_attn, x, self.attn_branch(x, deterministic, prompt))
-    return x + self.adapted(self.adapter_mlp, x, self.mlp_branch(x, deterministic))
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """Applies the block to tokens x of shape [B, T, D]."""
+    x = x + self.drop_attn(self.attn(self.ln_attn(x)), deterministic)
+    return x + self.drop_mlp(self.mlp(self.ln_mlp(x), deterministic), deterministic)
 
 
 class Encoder(nn.Module):
@@ -223,7 +206,6 @@ class Encoder(nn.Module):
     dropout: dropout rate inside the blocks.
     dtype: compute dtype.
     remat: rematerialize each block in the backward pass (saves memory, costs compute).
-    adapter: a config checked by `adapters.check_vit_config`, or None.
   """
   depth: int
   mlp_dim: int
@@ -231,31 +213,16 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-  adapter: Mapping[str, Any] | None = None
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool = True, *,
-               deep_prompts: Array | None = None, ept_prompts: Array | None = None,
-               num_prefix: int = 0) -> Array:
-    """Applies the blocks and the final norm to tokens x [B, T, D].
-
-    Args:
-      x: tokens [B, T, D]; with VPT-deep, block 0's prompts are already in place.
-      deterministic: disables dropout.
-      deep_prompts: VPT-deep tokens [B, L, n, D]; before each block i > 0 they replace
-        x[:, num_prefix:num_prefix + n].
-      ept_prompts: EPT prompt logits [L, T, n], row i for block i.
-      num_prefix: number of tokens before the prompts (1 with a class token).
-    """
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """Applies the blocks and the final norm to tokens x [B, T, D] (deterministic: no dropout)."""
     block_cls = Encoder1DBlock
     if self.remat:  # Argument 0 is the module itself, so `deterministic` is argument 2.
       block_cls = nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,))
     for i in range(self.depth):
-      if deep_prompts is not None and i > 0:
-        x = prompts.replace(x, deep_prompts[:, i], num_prefix)
-      args = (x, deterministic) if ept_prompts is None else (x, deterministic, ept_prompts[i])
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                    dtype=self.dtype, adapter=self.adapter, name=f'block_{i}')(*args)
+                    dtype=self.dtype, name=f'block_{i}')(x, deterministic)
     return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name='norm')(x)
 
 
@@ -271,10 +238,6 @@ class Model(nn.Module):
     head_zeroinit: initialize the head kernel to zeros.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     remat: rematerialize each encoder block (nn.remat) to save activation memory.
-    prompt: prompt tokens, e.g. dict(kind='vpt_deep', num_tokens=10); kinds 'vpt_shallow',
-      'vpt_deep', 'ept' (see `fm_adapt.adapt.prompts`). None or num_tokens=0: no prompts.
-    adapter: bottleneck adapters, e.g. dict(kind='sequential', dim=64, where=('attn', 'mlp'));
-      kinds 'sequential' (Houlsby) and 'parallel' (He et al.), see `fm_adapt.adapt.adapters`.
   """
   num_classes: int | None
   variant: str = 'S/16'
@@ -284,17 +247,13 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
-  prompt: Mapping[str, Any] | None = None
-  adapter: Mapping[str, Any] | None = None
 
-  def _check_config(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Raises on invalid field values; returns the checked (prompt, adapter) configs."""
+  def _check_config(self) -> None:
+    """Raises on invalid field values."""
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f'Unknown pool_type {self.pool_type!r}; valid: {list(POOL_TYPES)}.')
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f'Unknown posemb {self.posemb!r}; valid: {list(POSEMB_TYPES)}.')
-    adapter = None if self.adapter is None else adapters.check_vit_config(self.adapter)
-    return prompts.check_config(self.prompt), adapter
 
   def _embed(self, image: Array, patch: int, width: int) -> tuple[Array, tuple[int, int]]:
     """Patch-embeds image [B, H, W, C] into tokens [B, N, D]; returns them and the grid."""
@@ -316,23 +275,6 @@ class Model(nn.Module):
     return self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                       (1, grid[0] * grid[1], width), jnp.float32)
 
-  def _add_prompts(self, cfg: Mapping[str, Any], x: Array, fan_in: int, num_prefix: int,
-                   depth: int, train: bool) -> tuple[Array, Array | None, Array | None]:
-    """Creates the prompt parameters and inserts VPT tokens into x [B, T, D].
-
-    Returns:
-      (x, deep tokens [B, L, n, D] or None, EPT logits [L, T, n] or None).
-    """
-    b, t, d = x.shape
-    params = prompts.PromptParams(cfg['kind'], cfg['num_tokens'], depth, d, t, fan_in,
-                                  name='prompt')()
-    if cfg['kind'] == 'ept':
-      return x, None, params
-    tokens = jnp.broadcast_to(params.astype(x.dtype)[None], (b, *params.shape))
-    tokens = nn.Dropout(rate=cfg['dropout'], name='prompt_dropout')(tokens, not train)
-    x = prompts.insert(x, tokens[:, 0], num_prefix)
-    return x, (tokens if cfg['kind'] == 'vpt_deep' else None), None
-
   @nn.compact
   def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
     """Runs the model.
@@ -346,7 +288,7 @@ class Model(nn.Module):
       embedding), 'with_posemb' [B,N,D], 'encoded' [B,T,D] (all tokens after the final norm),
       'patch_tokens' [B,N,D] (the last N of them), 'pre_logits' [B,D] and 'logits'.
     """
-    prompt_cfg, adapter_cfg = self._check_config()
+    self._check_config()
     cfg = decode_variant(self.variant)
     width, out = cfg['width'], {}
     x, grid = self._embed(image, cfg['patch_size'], width)
@@ -358,18 +300,9 @@ class Model(nn.Module):
       cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))
       x = jnp.concatenate([cls, x], axis=1)
     x = nn.Dropout(rate=self.dropout)(x, not train)
-    num_prefix, deep, ept = int(self.pool_type == 'tok'), None, None
-    if prompt_cfg:  # Prompt tokens go between the class token and the patches.
-      fan_in = cfg['patch_size'] ** 2 * image.shape[-1]
-      x, deep, ept = self._add_prompts(prompt_cfg, x, fan_in, num_prefix, cfg['depth'], train)
-    encoded = Encoder(depth=cfg['depth'], mlp_dim=cfg['mlp_dim'],
-                      num_heads=cfg['num_heads'], dropout=self.dropout, dtype=self.dtype,
-                      remat=self.remat, adapter=adapter_cfg, name='encoder')(
-                          x, not train, deep_prompts=deep, ept_prompts=ept,
-                          num_prefix=num_prefix)
-    if prompt_cfg and prompt_cfg['kind'] != 'ept':
-      encoded = prompts.remove(encoded, num_prefix, prompt_cfg['num_tokens'])
-    out['encoded'] = encoded
+    encoded = out['encoded'] = Encoder(
+        depth=cfg['depth'], mlp_dim=cfg['mlp_dim'], num_heads=cfg['num_heads'],
+        dropout=self.dropout, dtype=self.dtype, remat=self.remat, name='encoder')(x, not train)
     patch_tokens = out['patch_tokens'] = encoded[:, -num_patches:]
     if self.pool_type == 'tok':
       x = out['pre_logits'] = encoded[:, 0]

@@ -11,8 +11,8 @@ from fm_adapt.adapt import compose, lora, masks
 from fm_adapt.train import optim, state as state_lib, step as step_lib
 
 QV = '.*attn/(query|value)/kernel'
-LORA_VPT = [dict(kind='lora', rank=2, alpha=4, targets=QV),
-            dict(kind='vpt', mode='deep', num_tokens=2)]
+LORA_VPT = [dict(name='lora', rank=2, alpha=4, targets=QV),
+            dict(name='vpt', mode='deep', num_tokens=2)]
 IMAGE_SHAPE = (6, 8, 8, 3)
 
 
@@ -36,43 +36,57 @@ def _trainable_paths(params, schedule):
 
 
 @pytest.mark.parametrize('cfgs, model_name, match', [
-    ([dict(kind='prefix')], 'vit', r"Unknown adaptation kind 'prefix'; valid kinds: \['adapter', "
+    ([dict(name='prefix')], 'vit', r"Unknown adaptation name 'prefix'; valid names: \['adapter', "
                                    r"'bitfit', 'ept', 'lora', 'vpt'\]"),
-    ([dict(kind='lora', rank=4, targets=QV, dropout=0.1)], 'vit',
-     r"unknown keys \['dropout'\]; valid keys: \['kind', 'rank', 'targets'"),
-    ([dict(kind='lora', rank=4)], 'vit', r"missing keys \['targets'\]"),
-    ([dict(kind='lora', rank=0, targets=QV)], 'vit', 'positive int'),
-    ([dict(kind='vpt', mode='deep', num_tokens=2)] * 2, 'vit', "'vpt' given twice"),
-    ([dict(kind='vpt', mode='deep', num_tokens=2), dict(kind='ept', num_tokens=2)], 'vit',
-     r"'ept' sets model field\(s\) \['prompt'\]"),
-    ([dict(kind='vpt', mode='middle', num_tokens=2)], 'vit', r"\['shallow', 'deep'\]"),
-    ([dict(kind='vpt', mode='deep', num_tokens=2)], 'resnet', r"\['vit'\]"),
-    ([dict(kind='adapter', dim=8)], 'vit', r"needs mode: one of \['sequential', 'parallel'\]"),
-    ([dict(kind='adapter', mode='parallel', dim=8)], 'efficientnet', 'takes no mode'),
-    ([dict(kind='adapter', dim=8)], 'resnet', r"\['efficientnet', 'vit'\]"),
-    ([dict(kind='adapter', mode='parallel', dim=8, blocks=(1,))], 'vit',
-     r"\['blocks'\].*valid keys"),
+    ([dict(kind='lora', rank=4, targets=QV)], 'vit',
+     r"the word is now 'name', not 'kind'\): write dict\(name='lora', ...\)"),
+    ([dict(name='lora', rank=4, targets=QV, dropout=0.1)], 'vit',
+     r"unknown keys \['dropout'\]; valid keys: \['name', 'rank', 'targets'"),
+    ([dict(name='lora', rank=4)], 'vit', r"missing keys \['targets'\]"),
+    ([dict(name='lora', rank=0, targets=QV)], 'vit', 'positive int'),
+    ([dict(name='vpt', mode='deep', num_tokens=2)] * 2, 'vit', "'vpt' given twice"),
+    ([dict(name='vpt', mode='deep', num_tokens=2), dict(name='ept', num_tokens=2)], 'vit',
+     r"'vpt' and 'ept' both make the prompt"),
+    ([dict(name='vpt', mode='middle', num_tokens=2)], 'vit', r"\['shallow', 'deep'\]"),
+    ([dict(name='adapter', mode='parallel', dim=8)], 'efficientnet', "mode='sequential'"),
+    ([dict(name='adapter', dim=8)], 'resnet', r"\['efficientnet', 'vit'\]"),
+    ([dict(name='adapter', mode='parallel', dim=8, depth=(1,))], 'vit',
+     r"\['depth'\].*valid keys"),
 ])
 def test_config_errors(cfgs, model_name, match):
   with pytest.raises(ValueError, match=match):
     compose.apply_transforms(cfgs, model_name, dict(variant='mu/4'))
 
 
-def test_existing_model_field_is_not_overwritten():
-  with pytest.raises(ValueError, match=r"already set"):
-    compose.apply_transforms([dict(kind='ept', num_tokens=3)], 'vit',
-                             dict(prompt=dict(kind='vpt_deep', num_tokens=2)))
+def test_prompts_on_a_model_without_the_vit_layout_fail_at_init():
+  adaptation = compose.apply_transforms([dict(name='vpt', mode='deep', num_tokens=2)], 'resnet')
+  params = _abstract_params(models.get_model('resnet', num_classes=3, depth=18), (1, 32, 32, 3))
+  with pytest.raises(ValueError, match=r"ViT-layout model .*'embedding/kernel'"):
+    jax.eval_shape(adaptation.init_extra, params, _key())
+
+
+def test_one_mistyped_lora_target_of_several_is_an_error():
+  adaptation = compose.apply_transforms(
+      [dict(name='lora', rank=2, targets=['.*attn/query/kernel', '.*atn/value/kernel'])], 'vit')
+  params = _abstract_params(models.get_model('vit', num_classes=3, variant='mu/4'))
+  with pytest.raises(ValueError, match=r"LoRA target '\.\*atn/value/kernel' matches no "
+                                       r"parameter.*Closest paths: \['encoder/block_\d/attn/"):
+    jax.eval_shape(adaptation.init_extra, params, _key())
 
 
 def test_adaptation_fields_and_schedule():
   kwargs = dict(variant='mu/4')
   adaptation = compose.apply_transforms(
-      [*LORA_VPT, dict(kind='adapter', mode='sequential', dim=4, where='mlp'),
-       dict(kind='bitfit')], 'vit', kwargs)
-  assert kwargs == dict(variant='mu/4')  # Not modified.
-  assert adaptation.model_kwargs == dict(
-      variant='mu/4', prompt=dict(kind='vpt_deep', num_tokens=2, dropout=0.0),
-      adapter=dict(kind='sequential', dim=4, where='mlp'))
+      [*LORA_VPT, dict(name='adapter', mode='sequential', dim=4, where='mlp'),
+       dict(name='bitfit')], 'vit', kwargs)
+  assert kwargs == adaptation.model_kwargs == dict(variant='mu/4')  # No model fields added.
+  model = models.get_model('vit', num_classes=3, **kwargs)
+  params = jax.eval_shape(adaptation.init_extra, _abstract_params(model), _key())
+  extra = set(masks.flatten(params)) - set(masks.flatten(_abstract_params(model)))
+  assert {p.split('/')[0] for p in extra} == {'lora', 'prompt', 'encoder'}
+  assert {p for p in extra if p.startswith('encoder/')} == {
+      f'encoder/block_{i}/adapter_mlp/{layer}/{leaf}' for i in range(2)
+      for layer in ('down', 'up') for leaf in ('kernel', 'bias')}
   assert adaptation.trainable_patterns == ['lora/.*', 'prompt/.*', '.*adapter.*', '.*bias',
                                            'head/.*']
   rules = compose.schedule_for(adaptation, dict(decay_type='cosine'))
@@ -85,7 +99,7 @@ def test_adaptation_fields_and_schedule():
 
 def test_schedule_for_user_rules_come_first():
   adaptation = compose.apply_transforms(LORA_VPT, 'vit', dict(variant='mu/4'))
-  model = models.get_model('vit', num_classes=3, **adaptation.model_kwargs)
+  model = models.get_model('vit', num_classes=3, variant='mu/4')
   params = jax.eval_shape(adaptation.init_extra, _abstract_params(model), _key())
   head = dict(lr_mult=10.0)
   rules = compose.schedule_for(
@@ -105,7 +119,7 @@ def _config(schedule):
 
 def test_lora_vpt_training_leaves_frozen_params_bitwise_unchanged():
   adaptation = compose.apply_transforms(LORA_VPT, 'vit', dict(variant='mu/4'))
-  model = models.get_model('vit', num_classes=3, **adaptation.model_kwargs)
+  model = models.get_model('vit', num_classes=3, variant='mu/4')
   params = adaptation.init_extra(_random_params(model), _key(1))
   schedule = compose.schedule_for(adaptation, dict(decay_type='cosine'))
   trainable, frozen, model_state = state_lib.split_variables(
@@ -146,9 +160,9 @@ def test_lora_vpt_training_leaves_frozen_params_bitwise_unchanged():
 
 def test_vit_b16_counts():
   adaptation = compose.apply_transforms(
-      [dict(kind='lora', rank=4, targets=QV), dict(kind='vpt', mode='deep', num_tokens=10)],
+      [dict(name='lora', rank=4, targets=QV), dict(name='vpt', mode='deep', num_tokens=10)],
       'vit', dict(variant='B/16'))
-  model = models.get_model('vit', num_classes=1000, **adaptation.model_kwargs)
+  model = models.get_model('vit', num_classes=1000, variant='B/16')
   params = jax.eval_shape(adaptation.init_extra, _abstract_params(model, (1, 224, 224, 3)),
                           _key())
   assert lora.num_params(params['lora']) == 147_456
@@ -187,11 +201,10 @@ def test_preset_errors():
 
 def test_efficientnet_adapter_and_lora_through_compose():
   adaptation = compose.apply_transforms(
-      [dict(kind='adapter', dim=8, blocks=(0, 15)),
-       dict(kind='lora', rank=2, targets=['block_15/project_conv/kernel', 'head/kernel'])],
+      [dict(name='adapter', dim=8, blocks=(0, 15)),
+       dict(name='lora', rank=2, targets=['block_15/project_conv/kernel', 'head/kernel'])],
       'efficientnet', dict(dropout=0.0))
-  assert adaptation.model_kwargs == dict(dropout=0.0, adapter=dict(dim=8, blocks=(0, 15)))
-  model = models.get_model('efficientnet', num_classes=3, **adaptation.model_kwargs)
+  model = models.get_model('efficientnet', num_classes=3, dropout=0.0)
   params = jax.eval_shape(adaptation.init_extra, _abstract_params(model, (1, 32, 32, 3)), _key())
   rules = compose.schedule_for(adaptation, ml_collections.ConfigDict(dict(decay_type='cosine')))
   assert {p.split('/')[0] for p in _trainable_paths(params, rules)} == {

@@ -1,4 +1,4 @@
-"""Tests of prompt tokens (fm_adapt.adapt.prompts) in the ViT: VPT-shallow, VPT-deep, EPT."""
+"""Tests of prompt tokens (fm_adapt.adapt.prompts) on the ViT: VPT-shallow, VPT-deep, EPT."""
 import math
 
 import flax.linen as nn
@@ -9,6 +9,7 @@ import pytest
 
 from fm_adapt.adapt import masks, prompts
 from fm_adapt.models import vit
+from fm_adapt.train import state as state_lib
 
 IMAGE = np.random.default_rng(1).normal(size=(2, 8, 12, 3)).astype(np.float32)  # 6 patches.
 NUM_PATCHES, WIDTH, DEPTH = 6, 32, 2
@@ -19,43 +20,41 @@ def _key(seed: int = 0) -> jax.Array:
   return jax.random.key(seed, impl='unsafe_rbg')
 
 
-def _model(prompt=None, **kw) -> vit.Model:
-  return vit.Model(num_classes=3, variant='mu/4', prompt=prompt, **kw)
+def _model(**kw) -> vit.Model:
+  return vit.Model(num_classes=3, variant='mu/4', **kw)
 
 
-def _random_params(model: vit.Model, seed: int = 0) -> dict:
+def _random_params(model: vit.Model, prompt=None, seed: int = 0) -> dict:
+  """Random base parameters from numpy, plus a random prompt tree of `prompts.init`'s shapes."""
   rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct(IMAGE.shape, jnp.float32))
-  return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32),
-                      abstract['params'])
+  abstract = abstract['params']
+  if prompt is not None:
+    abstract = dict(abstract, prompt=jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), abstract))
+  return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), abstract)
 
 
 _JITTED = {}
 
 
-def _apply(model: vit.Model, params: dict):
-  """Jitted eval forward; one compile per model configuration for the whole module."""
-  if repr(model) not in _JITTED:
-    _JITTED[repr(model)] = jax.jit(model.apply)
-  return _JITTED[repr(model)]({'params': params}, IMAGE)
+def _apply(model: vit.Model, prompt, params: dict, train: bool = False, rng=None):
+  """Jitted forward; one compile per model and prompt configuration for the whole module."""
+  key = (repr(model), repr(prompt), train)
+  if key not in _JITTED:
+    fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(model), prompt)
+    _JITTED[key] = jax.jit(lambda p, r: fn(p, {}, IMAGE, train=train, rng=r)[:2])
+  return _JITTED[key](params, rng)
 
 
 def _without_prompt(params: dict) -> dict:
   return {k: v for k, v in params.items() if k != 'prompt'}
 
 
-@pytest.mark.parametrize('kind', prompts.KINDS)
-def test_zero_tokens_builds_the_base_parameter_tree(kind):
-  abstract = jax.eval_shape(_model(dict(kind=kind, num_tokens=0)).init, _key(), IMAGE)
-  base = jax.eval_shape(_model().init, _key(), IMAGE)
-  assert jax.tree.structure(abstract) == jax.tree.structure(base)
-
-
-def test_zero_tokens_is_exactly_the_base_model():
+def test_zero_tokens_adds_nothing_and_is_the_base_model():
   params = _random_params(_model())
-  base_logits, _ = _apply(_model(), params)
-  logits, _ = _apply(_model(dict(kind='vpt_deep', num_tokens=0)), params)
-  np.testing.assert_array_equal(logits, base_logits)
+  assert prompts.init(params, dict(kind='vpt_deep', num_tokens=0), _key()) == {}
+  apply_fn = state_lib.make_apply_fn(_model())
+  assert prompts.wrap_apply_fn(apply_fn, dict(kind='ept', num_tokens=0)) is apply_fn
 
 
 @pytest.mark.parametrize('kind, name, shape', [
@@ -63,16 +62,18 @@ def test_zero_tokens_is_exactly_the_base_model():
     ('ept', 'ept', (DEPTH, NUM_PATCHES + 1, 5))])
 @pytest.mark.parametrize('pool_type', ['tok', 'gap'])
 def test_param_names_and_output_shapes(kind, name, shape, pool_type):
-  model = _model(dict(kind=kind, num_tokens=5), pool_type=pool_type)
+  model, prompt = _model(pool_type=pool_type), dict(kind=kind, num_tokens=5)
   if kind == 'ept' and pool_type == 'gap':
     shape = (DEPTH, NUM_PATCHES, 5)  # No class token.
-  (logits, out), variables = jax.eval_shape(model.init_with_output, _key(), IMAGE)
-  flat = masks.flatten(variables['params'])
-  assert [p for p in flat if p.startswith('prompt')] == [f'prompt/{name}']
-  assert flat[f'prompt/{name}'].shape == shape
-  assert [p for p, m in masks.flatten(masks.make_mask(flat, 'prompt/.*')).items() if m] == [
+  base = jax.eval_shape(model.init, _key(), IMAGE)['params']
+  tree = jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), base)
+  assert masks.flatten(tree) == {name: jax.ShapeDtypeStruct(shape, jnp.float32)}
+  params = dict(base, prompt=tree)
+  assert [p for p, m in masks.flatten(masks.make_mask(params, 'prompt/.*')).items() if m] == [
       f'prompt/{name}']
-  (_, base_out), _ = jax.eval_shape(_model(pool_type=pool_type).init_with_output, _key(), IMAGE)
+  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(model), prompt)
+  logits, out, _ = jax.eval_shape(lambda p: fn(p, {}, IMAGE, train=False, rng=None), params)
+  (_, base_out), _ = jax.eval_shape(model.init_with_output, _key(), IMAGE)
   assert logits.shape == (2, 3)
   for key in base_out:  # The prompts are gone from every output.
     assert out[key].shape == base_out[key].shape, key
@@ -80,10 +81,10 @@ def test_param_names_and_output_shapes(kind, name, shape, pool_type):
 
 @pytest.mark.parametrize('kind', prompts.KINDS)
 def test_nonzero_prompts_change_the_logits(kind):
-  model = _model(dict(kind=kind, num_tokens=5))
-  params = _random_params(model)
-  logits, _ = _apply(model, params)
-  base_logits, _ = _apply(_model(), _without_prompt(params))
+  prompt = dict(kind=kind, num_tokens=5)
+  params = _random_params(_model(), prompt)
+  logits, _ = _apply(_model(), prompt, params)
+  base_logits, _ = jax.jit(_model().apply)({'params': _without_prompt(params)}, IMAGE)
   assert np.abs(logits - base_logits).max() > 1e-3
 
 
@@ -94,7 +95,7 @@ def _block(params, x):
 
 def _oracle_vpt(params, deep: bool):
   """VPT written out by hand from the base model's pieces."""
-  _, out = _apply(_model(), _without_prompt(params))
+  _, out = jax.jit(_model().apply)({'params': _without_prompt(params)}, IMAGE)
   table = params['prompt']['deep' if deep else 'shallow']
   tokens = lambda i: np.broadcast_to(table[i], (2, *table.shape[1:]))
   cls = np.broadcast_to(params['cls'], (2, 1, WIDTH))
@@ -110,13 +111,20 @@ def _oracle_vpt(params, deep: bool):
 
 @pytest.mark.parametrize('kind', ['vpt_shallow', 'vpt_deep'])
 def test_vpt_matches_hand_written_oracle(kind):
-  model = _model(dict(kind=kind, num_tokens=3))
-  params = _random_params(model)
-  logits, out = _apply(model, params)
+  prompt = dict(kind=kind, num_tokens=3)
+  params = _random_params(_model(), prompt)
+  logits, out = _apply(_model(), prompt, params)
   expected, tokens = _oracle_vpt(params, deep=kind == 'vpt_deep')
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(out['encoded'], np.concatenate([tokens[:, :1], tokens[:, 4:]], 1),
                              atol=1e-5)
+
+
+def test_vpt_deep_and_ept_under_remat_equal_plain():
+  for prompt in (dict(kind='vpt_deep', num_tokens=3), dict(kind='ept', num_tokens=3)):
+    params = _random_params(_model(), prompt)
+    np.testing.assert_allclose(_apply(_model(remat=True), prompt, params)[0],
+                               _apply(_model(), prompt, params)[0], atol=1e-6)
 
 
 def _np_ept_attention(q, k, v, prompt):
@@ -144,29 +152,50 @@ def test_ept_attention_matches_numpy_and_is_patchwise_scaling():
 
 
 def test_ept_with_vanishing_prompts_equals_base():
-  model = _model(dict(kind='ept', num_tokens=5))
-  params = _random_params(model)
+  prompt = dict(kind='ept', num_tokens=5)
+  params = _random_params(_model(), prompt)
   params['prompt']['ept'] = np.full_like(params['prompt']['ept'], -1e4)  # exp() == 0.
-  np.testing.assert_allclose(_apply(model, params)[0],
-                             _apply(_model(), _without_prompt(params))[0], atol=1e-6)
+  np.testing.assert_allclose(_apply(_model(), prompt, params)[0],
+                             jax.jit(_model().apply)({'params': _without_prompt(params)},
+                                                     IMAGE)[0], atol=1e-6)
+
+
+def test_ept_uses_each_blocks_row():
+  prompt = dict(kind='ept', num_tokens=2)
+  params = _random_params(_model(), prompt)
+  logits = _apply(_model(), prompt, params)[0]
+  for row in range(DEPTH):
+    changed = jax.tree.map(np.copy, params)
+    changed['prompt']['ept'][row] += 1.0
+    assert np.abs(_apply(_model(), prompt, changed)[0] - logits).max() > 1e-4, row
 
 
 def test_prompt_init_follows_vpt_and_ept():
-  deep = prompts.PromptParams('vpt_deep', 50, DEPTH, WIDTH, 7, fan_in=48).init(_key())
-  values = np.asarray(deep['params']['deep'])
+  base = _random_params(_model())  # fan-in 4 * 4 * 3 = 48, 7 tokens with the class token.
+  deep = np.asarray(prompts.init(base, dict(kind='vpt_deep', num_tokens=50), _key())['deep'])
   bound = math.sqrt(6 / (48 + WIDTH))
-  assert values.shape == (DEPTH, 50, WIDTH) and np.abs(values).max() <= bound
-  assert np.abs(values).max() > 0.9 * bound  # Uniform over the whole interval.
-  ept = prompts.PromptParams('ept', 50, DEPTH, WIDTH, 7, fan_in=48).init(_key())
-  assert 0.015 < np.std(ept['params']['ept']) < 0.025  # normal(0.02), 700 draws.
+  assert deep.shape == (DEPTH, 50, WIDTH) and np.abs(deep).max() <= bound
+  assert np.abs(deep).max() > 0.9 * bound  # Uniform over the whole interval.
+  ept = prompts.init(base, dict(kind='ept', num_tokens=50), _key())['ept']
+  assert ept.shape == (DEPTH, 7, 50)
+  assert 0.015 < np.std(ept) < 0.025  # normal(0.02), 700 draws.
 
 
-def test_prompt_dropout_in_training():
-  model = _model(dict(kind='vpt_deep', num_tokens=2, dropout=0.5))
-  params = _random_params(model)
-  run = jax.jit(lambda r: model.apply({'params': params}, IMAGE, train=True,
-                                      rngs={'dropout': r})[0])
-  assert not np.array_equal(run(jax.random.key(0)), run(jax.random.key(1)))
+def test_prompt_dropout_in_training_only():
+  model, prompt = _model(), dict(kind='vpt_deep', num_tokens=2, dropout=0.5)
+  params = _random_params(model, prompt)
+  train = lambda r: _apply(model, prompt, params, train=True, rng=r)[0]
+  assert not np.array_equal(train(jax.random.key(0)), train(jax.random.key(1)))
+  evaluate = _apply(model, prompt, params)[0]
+  np.testing.assert_allclose(evaluate, _apply(model, dict(prompt, dropout=0.0), params)[0])
+
+
+def test_gradients_reach_every_prompt_row():
+  prompt = dict(kind='vpt_deep', num_tokens=2)
+  params = _random_params(_model(), prompt)
+  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), prompt)
+  grads = jax.jit(jax.grad(lambda p: fn(p, {}, IMAGE, train=False, rng=None)[0].sum()))(params)
+  assert all(np.abs(grads['prompt']['deep'][i]).max() > 0 for i in range(DEPTH))
 
 
 @pytest.mark.parametrize('prompt, match', [
@@ -178,4 +207,26 @@ def test_prompt_dropout_in_training():
 ])
 def test_prompt_config_errors(prompt, match):
   with pytest.raises(ValueError, match=match):
-    jax.eval_shape(_model(prompt).init, _key(), IMAGE)
+    prompts.init(_random_params(_model()), prompt, _key())
+
+
+def test_layout_errors():
+  sincos = jax.eval_shape(_model(posemb='sincos2d').init, _key(), IMAGE)['params']
+  with pytest.raises(ValueError, match=r"EPT .*'pos_embedding'.*posemb='learn'"):
+    prompts.init(sincos, dict(kind='ept', num_tokens=2), _key())
+  assert prompts.init(sincos, dict(kind='vpt_deep', num_tokens=2), _key())['deep'].shape == (
+      DEPTH, 2, WIDTH)
+  with pytest.raises(ValueError, match=r"ViT-layout model .*'embedding/kernel'"):
+    prompts.init({'stem': {'conv': {'kernel': np.zeros((3, 3, 3, 8))}}},
+                 dict(kind='vpt_deep', num_tokens=2), _key())
+  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), dict(kind='ept', num_tokens=2))
+  with pytest.raises(ValueError, match=r"needs a top-level 'prompt' subtree"):
+    fn(_random_params(_model()), {}, IMAGE, train=False, rng=None)
+
+
+def test_ept_prompt_of_another_image_size_fails_clearly():
+  prompt = dict(kind='ept', num_tokens=2)
+  params = dict(_random_params(_model()), prompt={'ept': np.zeros((DEPTH, 13, 2), np.float32)})
+  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), prompt)
+  with pytest.raises(ValueError, match=r'EPT prompt \(2, 13, 2\).*over 7 tokens'):
+    fn(params, {}, IMAGE, train=False, rng=None)

@@ -31,11 +31,13 @@ def test_get_model_builds_configured_module():
 
 
 def test_model_fields():
-  assert list(models.model_fields(models.resnet.Model)) == [
-      'num_classes', 'depth', 'stem', 'width', 'zero_init_residual', 'dtype', 'conv_impl']
+  assert list(models.model_fields(models.resnet.Model))[:4] == [
+      'num_classes', 'depth', 'stem', 'width']
   vit_fields = models.model_fields(models.vit.Model)
+  # No adaptation fields: prompts and adapters attach from fm_adapt.adapt by interception.
   assert {'num_classes', 'variant', 'pool_type', 'posemb', 'dropout', 'head_zeroinit',
-          'dtype', 'remat', 'prompt', 'adapter'} == set(vit_fields)
+          'dtype', 'remat'} == set(vit_fields)
+  assert not {'prompt', 'adapter'} & set(models.model_fields(models.efficientnet.Model))
 
 
 def test_unknown_name():

@@ -128,7 +128,7 @@ def test_input_errors():
 @pytest.mark.parametrize('field, value, error, match', [
     ('pool_type', 'map', ValueError, "'tok', 'gap'"),
     ('posemb', 'none', ValueError, "'learn', 'sincos2d'"),
-])  # prompt / adapter configs are tested with fm_adapt.adapt.{prompts,adapters}.
+])
 def test_config_errors(field, value, error, match):
   model = vit.Model(num_classes=3, variant='mu/4', **{field: value})
   with pytest.raises(error, match=match):

@@ -34,7 +34,7 @@ def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_
   config.model = dict(dropout=0.2)
   config.model_init = "efficientnet-lite0-57934424.npz"
   config.model_load = dict(dont_load=["head/.*"])
-  config.adapt = [dict(kind="lora", rank=4, targets=r"block_1[45]/(expand|project)_conv/kernel")]
+  config.adapt = [dict(name="lora", rank=4, targets=r"block_1[45]/(expand|project)_conv/kernel")]
   config.frozen_statistics = True
   config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
                            pp="resize(32)|gray_to_rgb|value_range(-1,1)", batch_size=8,
