@@ -122,6 +122,15 @@ def _import_torch() -> Any:
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   torch = _import_torch()
+  # Before 2.6, torch.load(weights_only=True) can still run code from a crafted file.
+  version = str(torch.__version__)
+  if tuple(int(p) for p in version.split('+')[0].split('.')[:2]) < (2, 6):
+    raise ImportError(
+        f'{path}: torch {version} is installed, and torch.load(weights_only=True) before '
+        'torch 2.6 can run code hidden in a crafted checkpoint (CVE-2025-32434), so '
+        'fm_adapt does not read .pth files with it. Upgrade: `pip install "torch>=2.6"` '
+        '(or `pip install "fm_adapt[torch]"`), or convert the file to .safetensors / .npz '
+        'on a machine you trust.')
   try:
     obj = torch.load(str(path), map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
