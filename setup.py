@@ -16,8 +16,9 @@ setuptools.setup(
         "array_record>=0.8,<0.9",
         "grain>=0.2.18,<0.3",
         "ml_collections>=1.1,<2",
-        "clu>=0.0.12,<0.1",
         "numpy>=2.0,<3",
+        "ml_dtypes>=0.5,<1",
+        "etils[epath]>=1.7,<2",
         "scikit-learn>=1.5,<2",
         "matplotlib>=3.9,<4",
         "pillow>=10,<13",
@@ -28,6 +29,11 @@ setuptools.setup(
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "chex>=0.1.90,<0.2"],
-        "torch": ["torch>=2.4"],
+        # Reading .pth checkpoints. torch.load(weights_only=True) before 2.6 can run code from a
+        # crafted file (CVE-2025-32434); fm_adapt.weights.readers refuses such a torch.
+        "torch": ["torch>=2.6,<3"],
+        # The PyTorch oracles of the tests (ResNet vs torchvision-style models, .pth reading):
+        # the exact CPU build CI installs (a looser range can pull a multi-GB CUDA build).
+        "test": ["torch==2.13.0"],
     },
 )
