@@ -1,10 +1,11 @@
 """Start a run from a pretrained checkpoint: resolve, hash, load and overlay onto the init.
 
 `config.model_init` names the file (a path, or a path relative to $FM_ADAPT_WEIGHTS_DIR);
-`config.model_load = dict(kind=..., dont_load=[regex, ...])` picks the importer
+`config.model_load = dict(name=..., dont_load=[regex, ...])` picks the importer by name
 (`fm_adapt.weights.LOADERS`, detected from the keys when absent) and the parameters that keep
-their fresh initialization (e.g. a new head). Parameters that adaptation transforms add (LoRA
-factors, prompts, adapters) are not in the checkpoint and keep their initialization too.
+their fresh initialization (e.g. a new head); each dont_load regex must match a variable of the
+model. Parameters that adaptation transforms add (LoRA factors, prompts, adapters) are not in the
+checkpoint and keep their initialization too.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from fm_adapt import weights
 from fm_adapt.adapt import masks
 
-LOAD_KEYS = ("kind", "dont_load")
+LOAD_KEYS = ("name", "dont_load")
 
 
 def resolve_path(model_init: str) -> pathlib.Path:
@@ -46,14 +47,35 @@ def file_sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _loaded_variables(path: pathlib.Path, kind: str | None, dont_load: Sequence[str],
+def _loaded_variables(path: pathlib.Path, name: str | None, dont_load: Sequence[str],
                       base_params: Mapping[str, Any]) -> dict[str, Any]:
-  kind = kind or weights.detect_kind(path)
-  if kind not in weights.LOADERS:
-    raise ValueError(f"Unknown model_load.kind {kind!r}; valid: {sorted(weights.LOADERS)}")
-  if kind in ("efficientnet_lite0", "fm_adapt"):  # These return full variables.
-    return weights.load(kind, path)
-  return {"params": weights.load(kind, path, target_params=base_params, dont_load=list(dont_load))}
+  name = name or weights.detect_name(path)
+  if name not in weights.LOADERS:
+    raise ValueError(f"Unknown config.model_load.name {name!r}; valid: {sorted(weights.LOADERS)}")
+  if name in ("efficientnet_lite0", "fm_adapt"):  # These return full variables.
+    return weights.load(name, path)
+  return {"params": weights.load(name, path, target_params=base_params, dont_load=list(dont_load))}
+
+
+def check_load_config(load_cfg: Mapping[str, Any], variables: Mapping[str, Any]) -> dict[str, Any]:
+  """Checks `config.model_load` against the model's variables; returns it as a dict.
+
+  Raises:
+    ValueError: for the old word 'kind' (now 'name'), unknown keys, or a dont_load regex that
+      matches no variable path of the model (naming it and the closest paths).
+  """
+  load_cfg = dict(load_cfg)
+  if "kind" in load_cfg:
+    raise ValueError(f"config.model_load says which importer with 'name' (the word is now 'name', "
+                     f"not 'kind'): write model_load.name={load_cfg['kind']!r}.")
+  unknown = sorted(set(load_cfg) - set(LOAD_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown config.model_load keys {unknown}; valid: {list(LOAD_KEYS)}")
+  dont_load = load_cfg.get("dont_load", ())
+  dont_load = [dont_load] if isinstance(dont_load, str) else list(dont_load)
+  paths = {p.split("/", 1)[1] for p in masks.flatten(variables)}  # Without the collection.
+  masks.check_patterns_match(dont_load, paths, what="config.model_load.dont_load regex")
+  return dict(load_cfg, dont_load=dont_load)
 
 
 def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[str],
@@ -89,18 +111,15 @@ def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
   Args:
     variables: the initialized variables ({'params': ..., maybe 'batch_stats': ...}), numpy.
     path: the checkpoint file.
-    load_cfg: dict(kind=..., dont_load=[...]).
+    load_cfg: dict(name=..., dont_load=[...]) (`check_load_config`).
     extra_paths: '/'-joined params paths added by adaptation transforms (kept as initialized).
   """
-  load_cfg = dict(load_cfg)
-  unknown = sorted(set(load_cfg) - set(LOAD_KEYS))
-  if unknown:
-    raise ValueError(f"Unknown config.model_load keys {unknown}; valid: {list(LOAD_KEYS)}")
-  dont_load = list(load_cfg.get("dont_load", ()))
+  load_cfg = check_load_config(load_cfg, variables)
+  dont_load = load_cfg["dont_load"]
   extras = set(extra_paths)
   base_params = masks.unflatten({p: v for p, v in masks.flatten(variables["params"]).items()
                                  if p not in extras})
-  loaded = _loaded_variables(path, load_cfg.get("kind"), dont_load, base_params)
+  loaded = _loaded_variables(path, load_cfg.get("name"), dont_load, base_params)
   # dont_load applies in every collection (params, batch_stats); extras are params only.
   keep = [f"[^/]+/(?:{rx})" for rx in dont_load] + [f"params/{re.escape(p)}" for p in extras]
   return overlay(dict(variables), loaded, keep, str(path))

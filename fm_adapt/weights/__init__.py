@@ -1,11 +1,11 @@
-"""Pretrained-checkpoint importers, chosen by name.
+"""Pretrained-checkpoint importers, chosen by name (`config.model_load.name`).
 
     from fm_adapt import weights
     variables = weights.load('efficientnet_lite0', 'efficientnet-lite0-57934424.npz')
     params = weights.load('timm', 'vit_s16.safetensors', target_params=init, dont_load=['head/.*'])
-    params = weights.load('vit_b16.npz', target_params=init)   # kind detected from the keys
+    params = weights.load('vit_b16.npz', target_params=init)   # name detected from the keys
 
-LOADERS maps a kind to a function `fn(path, **kwargs)`. The EfficientNet loader
+LOADERS maps a name to a function `fn(path, **kwargs)`. The EfficientNet loader
 returns dict(params=..., batch_stats=...); the ViT loaders return params (see
 `vit_import.load_vit_checkpoint` for their keyword arguments).
 """
@@ -36,32 +36,32 @@ LOADERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def load(kind_or_path: str | os.PathLike, path: str | os.PathLike | None = None,
+def load(name_or_path: str | os.PathLike, path: str | os.PathLike | None = None,
          /, **kwargs: Any) -> Any:
-  """Loads a checkpoint with the loader of a kind, or the kind its keys show.
+  """Loads a checkpoint with the loader of a name, or the one its keys show.
 
   Args:
-    kind_or_path: a key of LOADERS (then `path` is the file), or the file itself
-      (then the kind is 'efficientnet_lite0' for EfficientNet-PyTorch keys, else
-      'vit' with its layout detected from the keys).
-    path: the file, when the first argument is a kind.
+    name_or_path: a key of LOADERS (then `path` is the file), or the file itself
+      (then the loader is 'fm_adapt' for our exports, 'efficientnet_lite0' for
+      EfficientNet-PyTorch keys, else 'vit' with its layout detected from the keys).
+    path: the file, when the first argument is a loader name.
     **kwargs: passed to the loader.
 
   Raises:
-    ValueError: an unknown kind, or a first argument that is neither a kind nor
-      a file (the message lists the kinds).
+    ValueError: an unknown name, or a first argument that is neither a loader name nor
+      a file (the message lists the names).
   """
-  if isinstance(kind_or_path, str) and kind_or_path in LOADERS:
+  if isinstance(name_or_path, str) and name_or_path in LOADERS:
     if path is None:
-      raise ValueError(f'load({kind_or_path!r}, path): the checkpoint path is missing.')
-    return LOADERS[kind_or_path](path, **kwargs)
-  if path is not None or not pathlib.Path(kind_or_path).is_file():
-    raise ValueError(f'{str(kind_or_path)!r} is neither a checkpoint kind (valid: '
+      raise ValueError(f'load({name_or_path!r}, path): the checkpoint path is missing.')
+    return LOADERS[name_or_path](path, **kwargs)
+  if path is not None or not pathlib.Path(name_or_path).is_file():
+    raise ValueError(f'{str(name_or_path)!r} is neither a checkpoint loader name (valid: '
                      f'{sorted(LOADERS)}) nor an existing file.')
-  return LOADERS[detect_kind(kind_or_path)](kind_or_path, **kwargs)
+  return LOADERS[detect_name(name_or_path)](name_or_path, **kwargs)
 
 
-def detect_kind(path: str | os.PathLike) -> str:
+def detect_name(path: str | os.PathLike) -> str:
   """'fm_adapt' for our own exports, 'efficientnet_lite0' for EfficientNet-PyTorch key names,
   else 'vit'."""
   keys = readers.list_keys(path)

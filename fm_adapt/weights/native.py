@@ -41,6 +41,6 @@ def load_native(path: PathLike) -> dict[str, Any]:
   with np.load(path, allow_pickle=False) as data:
     if not is_native(data.files):
       raise ValueError(f"{path} is not an fm_adapt export (no {MARKER!r} key); found keys such "
-                       f"as {data.files[:5]}. Use another config.model_load.kind.")
+                       f"as {data.files[:5]}. Use another config.model_load.name.")
     flat = {k: data[k] for k in data.files if k != MARKER}
   return masks.unflatten(flat)

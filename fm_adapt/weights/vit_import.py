@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fm_adapt.adapt import masks
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_formats
 
@@ -161,8 +162,9 @@ class _Patterns:
   def check_all_used(self, paths: Sequence[str]) -> None:
     unused = [p for p in self.patterns if p not in self.used]
     if unused:
-      raise ValueError(f'dont_load pattern(s) {unused} match no parameter path; '
-                       f'paths are: {sorted(paths)}.')
+      closest = {p: masks.closest_paths(p, paths) for p in unused}
+      raise ValueError(f'dont_load pattern(s) {unused} match no parameter path; closest '
+                       f'paths: {closest}.')
 
 
 def _merge(path: readers.PathLike, converted: vit_formats.Converted, has_target: bool,

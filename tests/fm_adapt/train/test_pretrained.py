@@ -1,11 +1,13 @@
 """Starting runs from pretrained checkpoints: overlay rules and a real EfficientNet-Lite0 run."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from fm_adapt import config as config_lib
 from fm_adapt.train import loop, pretrained
+from fm_adapt.weights import native
 
 
 def test_overlay_keeps_dont_load_and_names_shape_mismatch():
@@ -19,6 +21,34 @@ def test_overlay_keeps_dont_load_and_names_shape_mismatch():
   with pytest.raises(ValueError, match=r"Missing: \['params/extra'\]"):
     pretrained.overlay(dict(init, params=dict(init["params"], extra=np.zeros(1))), loaded,
                        ["[^/]+/(?:head/.*)"], "ckpt")
+
+
+def _native_export(tmp_path):
+  variables = {"params": {"body": {"kernel": np.ones((2, 2), np.float32)},
+                          "head": {"kernel": np.ones((2, 3), np.float32)}},
+               "batch_stats": {"bn": {"mean": np.ones(2, np.float32)}}}
+  init = jax.tree.map(np.zeros_like, variables)
+  return native.save_native(tmp_path / "export.npz", variables), init
+
+
+def test_model_load_picks_the_loader_by_name(tmp_path):
+  path, init = _native_export(tmp_path)
+  out = pretrained.load_pretrained(init, path, dict(name="fm_adapt", dont_load=["head/.*"]), [])
+  np.testing.assert_array_equal(out["params"]["body"]["kernel"], np.ones((2, 2)))
+  np.testing.assert_array_equal(out["params"]["head"]["kernel"], np.zeros((2, 3)))
+  with pytest.raises(ValueError, match=r"the word is now 'name', not 'kind'\): write "
+                                       r"model_load.name='fm_adapt'"):
+    pretrained.load_pretrained(init, path, dict(kind="fm_adapt"), [])
+  with pytest.raises(ValueError, match=r"Unknown config.model_load.name 'timmm'; valid: \["):
+    pretrained.load_pretrained(init, path, dict(name="timmm"), [])
+
+
+def test_dont_load_regex_that_matches_nothing_is_an_error(tmp_path):
+  """Every loader, including those returning full variables, checks each dont_load regex."""
+  path, init = _native_export(tmp_path)
+  with pytest.raises(ValueError, match=r"dont_load regex 'heads/.\*' matches no parameter.*"
+                                       r"Closest paths: \['head/kernel'"):
+    pretrained.load_pretrained(init, path, dict(dont_load=["bn/.*", "heads/.*"]), [])
 
 
 def test_missing_checkpoint_file_is_clear(monkeypatch):

@@ -96,18 +96,18 @@ def test_load_by_kind_and_by_path(tmp_path):
   np.testing.assert_array_equal(by_kind['head']['kernel'], sd['head.weight'].T)
   np.testing.assert_array_equal(by_path['pos_embedding'], sd['pos_embed'][:, 1:])
   np.testing.assert_allclose(by_path['cls'], sd['cls_token'] + sd['pos_embed'][:, :1])
-  assert weights.detect_kind(path) == 'vit'
+  assert weights.detect_name(path) == 'vit'
 
 
 def test_detect_efficientnet(shared_weights_dir):
   path = shared_weights_dir / 'efficientnet-lite0-57934424.npz'
-  assert weights.detect_kind(path) == 'efficientnet_lite0'
+  assert weights.detect_name(path) == 'efficientnet_lite0'
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(ValueError, match=r"'resnet' is neither a checkpoint kind.*'timm'"):
+  with pytest.raises(ValueError, match=r"'resnet' is neither a checkpoint loader name.*'timm'"):
     weights.load('resnet')
   with pytest.raises(ValueError, match='checkpoint path is missing'):
     weights.load('timm')
-  with pytest.raises(ValueError, match='neither a checkpoint kind'):
+  with pytest.raises(ValueError, match='neither a checkpoint loader name'):
     weights.load('nope', tmp_path / 'x.npz')
