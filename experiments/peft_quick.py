@@ -13,6 +13,8 @@ a few epochs over 3 seeds. `backbones=vit` or `backbones=cnn` restricts the stud
 """
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 from fm_adapt import config as config_lib
@@ -27,28 +29,50 @@ VIT_STRATEGIES = {
     "full": dict(schedule=compose.preset("full", SCHED)),
     "linear_probe": dict(schedule=compose.preset("linear_probe", SCHED)),
     "bitfit": dict(schedule=compose.preset("bitfit", SCHED)),
-    "lora_qv_r8": dict(adapt=[dict(kind="lora", rank=8, targets=".*attn/(query|value)/kernel")]),
-    "lora_all_r8": dict(adapt=[dict(kind="lora", rank=8,
+    "lora_qv_r8": dict(adapt=[dict(name="lora", rank=8, targets=".*attn/(query|value)/kernel")]),
+    "lora_all_r8": dict(adapt=[dict(name="lora", rank=8,
                                     targets=".*(attn/(query|key|value|out)|mlp/fc[12])/kernel")]),
-    "vpt_deep_10": dict(adapt=[dict(kind="vpt", mode="deep", num_tokens=10)]),
-    "ept_10": dict(adapt=[dict(kind="ept", num_tokens=10)]),
-    "adapter_seq_16": dict(adapt=[dict(kind="adapter", mode="sequential", dim=16)]),
-    "lora_qv+vpt": dict(adapt=[dict(kind="lora", rank=8, targets=".*attn/(query|value)/kernel"),
-                               dict(kind="vpt", mode="shallow", num_tokens=10)]),
+    "vpt_deep_10": dict(adapt=[dict(name="vpt", mode="deep", num_tokens=10)]),
+    "ept_10": dict(adapt=[dict(name="ept", num_tokens=10)]),
+    "adapter_seq_16": dict(adapt=[dict(name="adapter", mode="sequential", dim=16)]),
+    "lora_qv+vpt": dict(adapt=[dict(name="lora", rank=8, targets=".*attn/(query|value)/kernel"),
+                               dict(name="vpt", mode="shallow", num_tokens=10)]),
 }
 CNN_STRATEGIES = {
     "full": dict(schedule=compose.preset("full", SCHED)),
     "linear_probe": dict(schedule=compose.preset("linear_probe", SCHED)),
     "bitfit": dict(schedule=compose.preset("bitfit", SCHED)),
-    "lora_1x1_r8": dict(adapt=[dict(kind="lora", rank=8,
+    "lora_1x1_r8": dict(adapt=[dict(name="lora", rank=8,
                                     targets=r"block_\d+/(expand_conv|project_conv)/kernel")]),
-    "adapter": dict(adapt=[dict(kind="adapter", reduction=8)]),
+    "adapter": dict(adapt=[dict(name="adapter", reduction=8)]),
 }
+
+
+BACKBONES = ("vit", "cnn")
+
+
+@functools.lru_cache(maxsize=None)
+def parse(arg: str | None) -> ml_collections.FrozenConfigDict:
+  """The study's arguments, parsed once per argument string (get_config and sweep share them).
+
+  Returns:
+    runlocal (bool) and backbones (a tuple of BACKBONES).
+
+  Raises:
+    ValueError: for an unknown argument or backbone (listing the valid ones).
+  """
+  args = config_lib.parse_arg(arg, runlocal=False, backbones=",".join(BACKBONES))
+  backbones = tuple(b.strip() for b in str(args.backbones).split(",") if b.strip())
+  unknown = [b for b in backbones if b not in BACKBONES]
+  if unknown or not backbones:
+    raise ValueError(f"Unknown backbones {unknown or backbones}; valid: a comma-separated "
+                     f"subset of {list(BACKBONES)}.")
+  return ml_collections.FrozenConfigDict(dict(runlocal=bool(args.runlocal), backbones=backbones))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The shared run config; the sweep sets backbone, data and strategy per run."""
-  arg = config_lib.parse_arg(arg, runlocal=False, backbones="vit,cnn")
+  arg = parse(arg)
   config = config_lib.base_config()
   config.runlocal = arg.runlocal
   config.model_name = "vit"
@@ -57,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            eval_batch_size=256))
   config.evals.val = dict(name="classification", split="val")
   config.evals.test = dict(name="classification", split="test", periodic=False)
+  config.loss = dict(name="softmax_xent")  # PneumoniaMNIST: one label of 2 classes.
   config.total_epochs = 5.0
   config.optax_name = "adamw"
   config.lr = 1e-3
@@ -96,10 +121,9 @@ def _cnn_runs(runlocal: bool) -> list[dict]:
 
 def sweep(add, arg: str | None = None) -> None:
   """Every strategy on each backbone; one seed in runlocal mode, three otherwise."""
-  arg = config_lib.parse_arg(arg, runlocal=False, backbones="vit,cnn")
-  backbones = str(arg.backbones).split(",")
-  runs = (_vit_runs(arg.runlocal) if "vit" in backbones else []) + (
-      _cnn_runs(arg.runlocal) if "cnn" in backbones else [])
+  arg = parse(arg)
+  runs = (_vit_runs(arg.runlocal) if "vit" in arg.backbones else []) + (
+      _cnn_runs(arg.runlocal) if "cnn" in arg.backbones else [])
   for seed in ((0,) if arg.runlocal else (0, 1, 2)):
     for run in runs:
       if run["name"] == "vit_base" and seed > 0:
