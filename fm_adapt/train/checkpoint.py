@@ -3,17 +3,33 @@
 Layout in the workdir:
   ckpt/<step>/state, ckpt/<step>/data   latest N train states + the data iterator state
   best/<step>/state                     the params / model_state of the best evaluation
+  corrupt/ckpt_<step>                   a kept step that could not be read, set aside on resume
+
+A resume takes the newest kept step that reads back and passes the caller's check; newer ones
+that do not are named in a warning and moved to `corrupt/` once an older step has restored (a
+model that no longer fits is an error, never a reason to move checkpoints). Orbax's answer to
+every save is checked: memory and disk never disagree about what was saved.
 """
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from fm_adapt.adapt import masks
+from fm_adapt.train import writer as writer_lib
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A readable checkpoint whose weights do not fit the run's model."""
+
+
+class CheckpointError(RuntimeError):
+  """No kept checkpoint reads back, or orbax refused a save."""
 
 
 def _metadata_tree(metadata: Any) -> Any:
@@ -49,7 +65,7 @@ def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where:
     if shapes:
       lines.append(f"  shape differences ({len(shapes)}): {shapes[:20]}")
     lines.append("  Use a fresh --workdir for a different model, or the config it was saved with.")
-    raise ValueError("\n".join(lines))
+    raise IncompatibleCheckpoint("\n".join(lines))
 
 
 class RunCheckpointer:
@@ -58,6 +74,7 @@ class RunCheckpointer:
   def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max"):
     workdir = pathlib.Path(workdir).absolute()
+    self._workdir = workdir
     self._latest = ocp.CheckpointManager(
         workdir / "ckpt",
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -73,9 +90,19 @@ class RunCheckpointer:
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_mode=best_mode,
               best_fn=lambda metrics: metrics[best_metric]))
-      step = self._best.best_step()
-      if step is not None:  # A resumed run: later evaluations must beat the saved best.
-        self._best_value = float(self._best.metrics(step)[best_metric])
+      self._best_value = self._saved_best_value()
+
+  def _saved_best_value(self) -> float | None:
+    """The metric of the saved best (a resumed run's later evaluations must beat it)."""
+    step = self._best.best_step()
+    if step is None:
+      return None
+    metrics = self._best.metrics(step) or {}
+    if self.best_metric not in metrics:  # Unreadable metadata: the next evaluation replaces it.
+      writer_lib.console(f"Warning: the best checkpoint {self._best.directory}/{step} has no "
+                         f"readable {self.best_metric}; the next evaluation replaces it.")
+      return None
+    return float(metrics[self.best_metric])
 
   @property
   def directory(self) -> pathlib.Path:
@@ -86,8 +113,12 @@ class RunCheckpointer:
 
   def save(self, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
     """Saves (asynchronously) the full train state and the data-iterator state."""
-    self._latest.save(step, args=ocp.args.Composite(
+    saved = self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+    if not saved:
+      raise CheckpointError(
+          f"orbax did not save step {step} in {self.directory} (it holds steps "
+          f"{self._latest.all_steps()}): a workdir is trained by one process at a time.")
 
   def restore(self, abstract_state: Mapping[str, Any], step: int | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,8 +130,60 @@ class RunCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
-  def _improves(self, value: float) -> bool:
-    if value != value:  # NaN never improves.
+  def restore_latest(self, abstract_state: Mapping[str, Any],
+                     check: Callable[[int, Mapping[str, Any], Mapping[str, Any]], None] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any], int] | None:
+    """Restores the newest kept step that reads back; None when no step is kept.
+
+    A step that fails (orbax, tensorstore or JSON errors, or `check(step, state, data)` raising)
+    is named in a warning and the next older one is tried; once one restores, the failed newer
+    steps are moved to `<workdir>/corrupt/`, so training can save those steps again.
+
+    Raises:
+      IncompatibleCheckpoint: the checkpoints do not fit the model (nothing is moved).
+      CheckpointError: no kept step reads back; the error lists them and what to delete.
+    """
+    failed: list[tuple[int, str]] = []
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(abstract_state, step)
+        if check is not None:
+          check(step, state, data)
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Corruption shows as any error.
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failed.append((step, reason))
+        writer_lib.console(f"Warning: checkpoint {self.directory / str(step)} cannot be "
+                           f"restored ({reason}); trying the next older kept step.")
+        continue
+      for bad, _ in failed:
+        self._set_aside(bad)
+      return state, data, step
+    if failed:
+      dirs = " ".join(str(self.directory / str(s)) for s, _ in failed)
+      raise CheckpointError(
+          "No kept checkpoint can be restored:\n" +
+          "\n".join(f"  {self.directory / str(s)}: {r}" for s, r in failed) +
+          f"\nTo train this workdir again from scratch, delete them (rm -r {dirs}), or use a "
+          "fresh --workdir.")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step directory to `<workdir>/corrupt/ckpt_<step>[_n]`."""
+    target = self._workdir / "corrupt" / f"ckpt_{step}"
+    n = 1
+    while target.exists():
+      target, n = self._workdir / "corrupt" / f"ckpt_{step}_{n}", n + 1
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    self._latest.reload()
+    writer_lib.console(f"Warning: moved the unreadable checkpoint of step {step} to {target}; "
+                       "delete it once you have looked at it.")
+
+  def _improves(self, value: float | None) -> bool:
+    if value is None or value != value:  # An undefined or NaN metric never improves.
       return False
     if self._best_value is None:
       return True
@@ -110,18 +193,27 @@ class RunCheckpointer:
     """Saves the weights of an evaluation if `best_metric` strictly beats the best so far.
 
     Only improvements are written (orbax would write every evaluation and then delete the
-    worse ones: on a CPU that costs more than the evaluation itself).
+    worse ones: on a CPU that costs more than the evaluation itself). A saved best at a step
+    >= `step` (saved before a resume re-ran its steps) is replaced, since orbax saves no step
+    below its latest one; the best value in memory changes only once orbax has saved.
 
     Returns:
       Whether the weights were saved.
     """
     if self._best is None:
       return False
-    value = float(metrics[self.best_metric])
+    value = metrics[self.best_metric]
+    value = None if value is None else float(value)
     if not self._improves(value):
       return False
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)),
-                    metrics={k: float(v) for k, v in metrics.items()})
+    self._best.wait_until_finished()
+    for stale in [s for s in self._best.all_steps() if s >= step]:
+      self._best.delete(stale)
+    saved = self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)),
+                            metrics={k: float(v) for k, v in metrics.items() if v is not None})
+    if not saved:
+      raise CheckpointError(f"orbax did not save the best checkpoint of step {step} in "
+                            f"{self._best.directory} (it holds {self._best.all_steps()}).")
     self._best_value = value
     return True
 
@@ -136,10 +228,17 @@ class RunCheckpointer:
     step = self.best_step()
     if step is None:
       raise FileNotFoundError("No best checkpoint was saved (no evaluation has run).")
+    where = f"{self._best.directory}/{step}"
     saved = _metadata_tree(self._best.item_metadata(step)["state"])
-    check_compatible(saved, abstract_weights, f"{self._best.directory}/{step}")
-    out = self._best.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_weights)))
+    check_compatible(saved, abstract_weights, where)
+    try:
+      out = self._best.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_weights)))
+    except Exception as e:  # pylint: disable=broad-except  # Corruption shows as any error.
+      raise CheckpointError(
+          f"The best checkpoint {where} cannot be restored ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:300] if str(e) else ''}). Delete it (rm -r {where}) and "
+          "run the same command: the final state is then evaluated instead.") from e
     return out["state"]
 
   def wait(self) -> None:

@@ -1,4 +1,8 @@
-"""Checkpoints: strict restore with a clear error for another model's shapes."""
+"""Checkpoints: strict restore with a clear error for another model's shapes, best-by-metric
+kept in step with the disk, and a corrupt latest step that falls back to the next older one."""
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,4 +65,129 @@ def test_restore_into_another_model_is_a_clear_error(tmp_path, other, message):
   ckpt.wait()
   with pytest.raises(ValueError, match=message):
     ckpt.restore(ckpt_lib.abstract_of(other))
+  ckpt.close()
+
+
+def _weights(value: float):
+  return {"params": jax.tree.map(lambda x: value * x, _state(4)["params"])}
+
+
+def _kernel(weights) -> float:
+  return float(weights["params"]["encoder"]["block_0"]["kernel"][0, 0])
+
+
+def test_better_best_at_an_earlier_step_replaces_the_saved_one(tmp_path):
+  """A resumed run re-runs steps: a better evaluation at a step <= the saved best step is
+  written (orbax saves no step below its latest), and memory and disk agree afterwards."""
+  first = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  assert first.save_best(6, _weights(6.0), {"val/auc": 0.8})
+  first.close()
+  resumed = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  assert resumed.save_best(5, _weights(5.0), {"val/auc": 0.9})
+  assert resumed.best_step() == 5
+  abstract = ckpt_lib.abstract_of(_weights(0.0))
+  assert _kernel(resumed.restore_best(abstract)) == 5.0
+  # 0.85 beats the 0.8 of the replaced step 6, not the 0.9 of step 5: nothing is written.
+  assert not resumed.save_best(8, _weights(8.0), {"val/auc": 0.85})
+  assert resumed.save_best(9, _weights(9.0), {"val/auc": 0.95})
+  resumed.close()
+  again = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  assert again.best_step() == 9 and _kernel(again.restore_best(abstract)) == 9.0
+  assert not again.save_best(10, _weights(10.0), {"val/auc": 0.9})
+  again.close()
+
+
+def test_undefined_best_metric_never_improves(tmp_path):
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, best_metric="val/auc")
+  assert not ckpt.save_best(1, _weights(1.0), {"val/auc": None})
+  assert ckpt.best_step() is None
+  ckpt.close()
+
+
+def test_a_refused_save_is_an_error(tmp_path):
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path)
+  ckpt.save(4, _state(4), {"iterator": "{}"})
+  ckpt.wait()
+  with pytest.raises(ckpt_lib.CheckpointError, match="did not save step 3"):
+    ckpt.save(3, _state(4), {"iterator": "{}"})
+  ckpt.close()
+
+
+def _truncate_arrays(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for path in files:
+    path.write_bytes(path.read_bytes()[:10])
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+CORRUPTIONS = {
+    "truncated_array_file": _truncate_arrays,
+    "bad_metadata": lambda d: (d / "state" / "_METADATA").write_text("{not json"),
+    "garbage_iterator_json": lambda d: (d / "data" / "metadata").write_text("garbage"),
+    "empty_step_dir": _empty,
+}
+
+
+def _three_steps(root):
+  ckpt = ckpt_lib.RunCheckpointer(root, keep=3)
+  for step in (2, 4, 6):
+    state = dict(_state(4), step=jnp.int32(step))
+    ckpt.save(step, state, {"iterator": json.dumps({"step": step})})
+  ckpt.close()
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_latest_falls_back_to_the_next_older_step(tmp_path, capsys, corruption):
+  _three_steps(tmp_path)
+  CORRUPTIONS[corruption](tmp_path / "ckpt" / "6")
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=3)
+  state, data, step = ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)))
+  assert step == 4 and int(state["step"]) == 4 and json.loads(data["iterator"]) == {"step": 4}
+  err = capsys.readouterr().err
+  assert f"checkpoint {tmp_path / 'ckpt' / '6'} cannot be restored" in err
+  assert f"moved the unreadable checkpoint of step 6 to {tmp_path / 'corrupt' / 'ckpt_6'}" in err
+  assert not (tmp_path / "ckpt" / "6").exists() and (tmp_path / "corrupt" / "ckpt_6").is_dir()
+  ckpt.save(6, _state(4), {"iterator": "{}"})  # Training saves step 6 again.
+  ckpt.wait()
+  assert ckpt.latest_step() == 6
+  ckpt.close()
+
+
+def test_a_failing_check_falls_back_too(tmp_path):
+  """The caller's check (finite values, an iterator state the loader takes) skips a step."""
+  _three_steps(tmp_path)
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=3)
+
+  def check(step, state, data):
+    if step == 6:
+      raise ValueError("iterator state refused")
+
+  assert ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)), check)[2] == 4
+  ckpt.close()
+
+
+def test_no_readable_step_says_what_to_delete(tmp_path):
+  _three_steps(tmp_path)
+  for step in (2, 4, 6):
+    _empty(tmp_path / "ckpt" / str(step))
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=3)
+  with pytest.raises(ckpt_lib.CheckpointError) as error:
+    ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)))
+  message = str(error.value)
+  assert f"rm -r {tmp_path / 'ckpt' / '6'} {tmp_path / 'ckpt' / '4'} {tmp_path / 'ckpt' / '2'}" in message
+  assert all((tmp_path / "ckpt" / str(s)).exists() for s in (2, 4, 6))  # Nothing moved.
+  ckpt.close()
+
+
+def test_another_model_is_an_error_not_a_corruption(tmp_path):
+  _three_steps(tmp_path)
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=3)
+  with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="saved \\(4, 4\\) vs model \\(8, 8\\)"):
+    ckpt.restore_latest(ckpt_lib.abstract_of(_state(8)))
+  assert sorted(ckpt._latest.all_steps()) == [2, 4, 6]  # pylint: disable=protected-access
   ckpt.close()
