@@ -1,6 +1,7 @@
 """Run a study: expand an experiment's `sweep`, train each run in its own workdir, tabulate.
 
-  python -m fm_adapt.study --config experiments/peft_quick.py:runlocal --workdir workdirs/peft
+  python -m fm_adapt.study --config experiments/peft_quick.py:runlocal --workdir workdirs/peft \
+      [--config.total_steps=100] [--allow_harmless_changes]
 
 The experiment exports `get_config(arg)` and `sweep(add, arg)`; `sweep` calls
 `add(name=..., seed=..., **overrides)` once per run, where overrides are config keys, dotted for
@@ -8,6 +9,11 @@ nested ones (`**{'model.variant': 'S/16'}`). Runs are trained in the order added
 `<workdir>/<name>-s<seed>`; finished runs (with a results.json) are skipped, an interrupted one
 resumes. `model_init='run:<name>'` starts a run from the exported weights of an earlier run of
 the study. Results are aggregated over seeds into `<workdir>/results.{md,csv,tex}`.
+
+`--config.key=value` overrides (as in `fm_adapt.main`) apply to every run, after the sweep's
+own; a key the sweep also sets is an error. Each run's workdir is locked while the study checks
+or trains it, and a finished run is skipped only if its config.json holds the run's config
+(`fm_adapt.train.workdir.check_config`).
 """
 from __future__ import annotations
 
@@ -16,14 +22,16 @@ import importlib.util
 import json
 import pathlib
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from fm_adapt.report import tables
-from fm_adapt.train import interrupt, loop, writer as writer_lib
+from fm_adapt.train import interrupt, loop, workdir as workdir_lib, writer as writer_lib
 
 METRICS = ("test/auc", "test/acc", "val/auc")
 
@@ -89,11 +97,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       node[leaf] = value
 
 
-def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path
-               ) -> ml_collections.ConfigDict:
-  """The config of one run: get_config(arg), the seed, the overrides, `run:` references."""
+def _check_no_conflict(run: RunSpec, overrides: Mapping[str, Any]) -> None:
+  """A command-line override may not set a key the sweep sets for a run (or its parent/child)."""
+  swept = ["seed", *run.overrides]
+  for key in overrides:
+    clash = [k for k in swept if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+    if clash:
+      raise ValueError(f"--config.{key} overrides {clash} that the sweep sets for run "
+                       f"{run.dirname}: remove the override, or change the sweep.")
+
+
+def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path,
+               overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The config of one run: get_config(arg), the seed, the sweep's overrides, the command line's
+  `overrides` (dotted keys), then `run:` references."""
+  overrides = dict(overrides or {})
+  _check_no_conflict(run, overrides)
   config = module.get_config(arg)
   apply_overrides(config, {"seed": run.seed, **run.overrides})
+  apply_overrides(config, overrides)
   init = config.get("model_init")
   if isinstance(init, str) and init.startswith("run:"):
     ref = init[len("run:"):]
@@ -106,21 +128,38 @@ def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path
 
 
 def run_study(spec: str, workdir: str | pathlib.Path, data_dir: str | None = None,
-              train: Callable[..., dict] = loop.train_and_evaluate) -> str:
-  """Trains every run of a study that has not finished, then writes and returns the table."""
+              train: Callable[..., dict] = loop.train_and_evaluate,
+              overrides: Mapping[str, Any] | None = None,
+              allow_harmless_changes: bool = False) -> str:
+  """Trains every run of a study that has not finished, then writes and returns the table.
+
+  Args:
+    spec: 'path/to/experiment.py[:arg]'.
+    workdir: the study's directory; run `<name>-s<seed>` trains in `<workdir>/<name>-s<seed>`.
+    data_dir: data directory (else the config's, FM_ADAPT_DATA_DIR, the cache dir).
+    train: `train(config, run_workdir, data_dir, allow_harmless_changes) -> results`.
+    overrides: dotted config keys set on every run (`--config.key=value`).
+    allow_harmless_changes: on resume, accept changes of `workdir.HARMLESS_KEYS`.
+  """
   module, arg = load_experiment(spec)
   workdir = pathlib.Path(workdir)
   runs = expand(module, arg)
+  for run in runs:
+    _check_no_conflict(run, overrides or {})
+  first = loop.start_processes()
   results: dict[str, list[dict]] = {}
   for index, run in enumerate(runs):
     run_dir = workdir / run.dirname
     done = run_dir / "results.json"
-    if done.exists():
-      writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
-      result = json.loads(done.read_text())
-    else:
-      writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: training")
-      result = train(run_config(module, arg, run, workdir), run_dir, data_dir)
+    with workdir_lib.lock(run_dir, owner=first):
+      config = run_config(module, arg, run, workdir, overrides)
+      if done.exists():
+        workdir_lib.check_config(run_dir, config, allow_harmless_changes, write=False)
+        writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
+        result = json.loads(done.read_text())
+      else:
+        writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: training")
+        result = train(config, run_dir, data_dir, allow_harmless_changes)
     results.setdefault(run.name, []).append(_flat_result(result))
   rows = tables.aggregate(results, METRICS, extra=("trainable_params", "data"))
   markdown = tables.write_tables(workdir, rows, ["run", "seeds", "trainable_params", *METRICS,
@@ -135,19 +174,29 @@ def _flat_result(result: Mapping[str, Any]) -> dict[str, Any]:
           "data": variant}
 
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment file and argument: file.py[:arg].")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file and argument: file.py[:arg]; --config.key=value overrides "
+    "apply to every run.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
+_ALLOW_HARMLESS = flags.DEFINE_bool(
+    "allow_harmless_changes", False,
+    "On resume, accept config changes of " + ", ".join(workdir_lib.HARMLESS_KEYS) + ".")
 
 
 def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  config_flag = flags.FLAGS["config"]
   try:
-    table = run_study(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+    table = run_study(config_flags.get_config_filename(config_flag), _WORKDIR.value,
+                      _DATA_DIR.value, overrides=config_flags.get_override_values(config_flag),
+                      allow_harmless_changes=_ALLOW_HARMLESS.value)
   except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
+  except loop.REFUSALS as error:
+    sys.exit(f"Error: {error}")
   print(table, flush=True)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from fm_adapt.adapt import masks
@@ -178,6 +179,8 @@ class RunCheckpointer:
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_count() > 1:  # Every process sees the move before it lists the steps again.
+      multihost_utils.sync_global_devices(f"fm_adapt: set aside checkpoint {step}")
     self._latest.reload()
     writer_lib.console(f"Warning: moved the unreadable checkpoint of step {step} to {target}; "
                        "delete it once you have looked at it.")

@@ -1,12 +1,14 @@
-"""Train and evaluate one run config in a workdir: resumable, sharded, logged.
+"""Train and evaluate one run config in a workdir: resumable, sharded, logged, checked.
 
 Resume order: the workdir's own checkpoint, then `config.model_init` (pretrained), then scratch.
+A workdir is trained by one process at a time with one config (`workdir.lock`,
+`workdir.check_config`). No state is persisted (checkpoint, best, export) unless its loss and
+parameter norm are known finite; a resume starts from the newest checkpoint that reads back.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from collections.abc import Mapping
@@ -23,17 +25,19 @@ from fm_adapt.adapt import masks
 from fm_adapt.weights import native
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
+from fm_adapt.train import files
+from fm_adapt.train import finite
 from fm_adapt.train import interrupt
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import setup as setup_lib
+from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
 
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  if jax.process_index() == 0:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+NonFiniteError = finite.NonFiniteError
+# Errors whose message says what happened and what to do: the command line prints them without
+# a traceback.
+REFUSALS = (workdir_lib.WorkdirError, finite.NonFiniteError, ckpt_lib.CheckpointError,
+            ckpt_lib.IncompatibleCheckpoint)
 
 
 def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,74 +59,106 @@ def _set_iterator_state(iterator: Any, saved: Mapping[str, str]) -> None:
   iterator.set_state(saved["iterator"].encode())
 
 
-def _check_finite(loss: float, step: int) -> None:
-  if not math.isfinite(loss):
-    raise FloatingPointError(
-        f"Non-finite training loss ({loss}) at step {step}. Lower config.lr, add "
-        "config.grad_clip_norm, or check the input pipeline for NaNs; the last good checkpoint "
-        "is in <workdir>/ckpt.")
-
-
 def _evaluate(evaluators: Mapping[str, cls_eval.Evaluator], state: Mapping[str, Any],
-              names: list[str] | None = None) -> dict[str, float]:
+              names: list[str] | None = None,
+              predictions_dir: pathlib.Path | None = None) -> dict[str, float | None]:
   out = {}
   for name, evaluator in evaluators.items():
     if names is None or name in names:
-      out.update({f"{name}/{k}": v for k, v in evaluator.run(state)})
+      kwargs = {} if predictions_dir is None else {
+          "predictions_path": predictions_dir / f"{name}.csv"}
+      out.update({f"{name}/{k}": v for k, v in evaluator.run(state, **kwargs)})
   return out
 
 
+def start_processes() -> bool:
+  """Starts JAX's multi-process runtime where the environment asks for it; True on process 0."""
+  if not jax.distributed.is_initialized():
+    mesh_lib.maybe_initialize_distributed()
+  return jax.process_index() == 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       data_dir: str | None = None) -> dict[str, Any]:
+                       data_dir: str | None = None, allow_harmless_changes: bool = False
+                       ) -> dict[str, Any]:
   """Trains, evaluates and tests one run; returns (and writes) `results.json`.
 
   Args:
     config: the run config (see `fm_adapt.config.RUN_KEYS`).
     workdir: the run's directory; an existing checkpoint there is resumed.
     data_dir: data directory flag (else config.data_dir, FM_ADAPT_DATA_DIR, the cache dir).
+    allow_harmless_changes: on resume, accept changes of `workdir.HARMLESS_KEYS`.
+
+  Raises:
+    workdir.WorkdirBusy: another process trains in `workdir`.
+    workdir.ConfigChanged: a resume whose config differs from `<workdir>/config.json`.
+    NonFiniteError: training reached a non-finite state (not saved).
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "config.json", config.to_dict())
-  run = setup_lib.setup_run(config, data_dir or config.get("data_dir"))
-  ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
-                                  best_metric=config.get("best_metric", "val/auc"))
-  state, data_state, start = _restore_or_init(run, ckpt)
-  iterator = iter(run.train_loader)
-  if data_state is not None:
-    _set_iterator_state(iterator, data_state)
-  _write_param_counts(workdir, state)
-  update_fn = jit_update(run.update_fn, state, run.mesh)
-  writer = writer_lib.MetricWriter(workdir)
-  try:
-    _train(config, run, update_fn, state, iterator, ckpt, writer, start)
-    results = _final_results(config, run, ckpt, workdir)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-  _write_json(workdir / "results.json", results)
+  first = start_processes()
+  with workdir_lib.lock(workdir, owner=first):
+    workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
+    run = setup_lib.setup_run(config, data_dir or config.get("data_dir"))
+    best_metric = config.get("best_metric", "val/auc")
+    _check_best_metric(best_metric, run)
+    ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
+                                    best_metric=best_metric)
+    writer = None
+    try:
+      iterator = iter(run.train_loader)
+      state, start = _restore_or_init(run, ckpt, iterator)
+      _write_param_counts(workdir, state)
+      update_fn = jit_update(run.update_fn, state, run.mesh)
+      writer = writer_lib.MetricWriter(workdir, resume_step=start)
+      state = _train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir)
+      results = _final_results(config, run, ckpt, workdir, state)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+    if first:
+      files.write_json(workdir / "results.json", results)
   return results
 
 
-def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer):
-  """Restores the workdir's latest checkpoint, else returns the freshly initialized state."""
+def _check_best_metric(metric: str | None, run: setup_lib.Run) -> None:
+  """`best_metric` must name a periodic evaluator (when there are any), before training."""
+  if metric and run.periodic_evals and metric.split("/")[0] not in run.periodic_evals:
+    raise ValueError(
+        f"config.best_metric={metric!r} names no evaluator that runs during training; those are "
+        f"{run.periodic_evals} (metrics such as '{run.periodic_evals[0]}/auc').")
+
+
+def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer, iterator: Any
+                     ) -> tuple[dict[str, Any], int]:
+  """The newest readable workdir checkpoint (its data state set on `iterator`), else a fresh state.
+
+  A checkpoint that does not read back, holds non-finite values or an iterator state the loader
+  refuses is skipped for the next older kept step (`RunCheckpointer.restore_latest`).
+  """
   state = run.init_state()
-  step = ckpt.latest_step()
-  if step is None:
-    return state, None, 0
+
+  def check(step: int, restored: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
+    _check_same_base(data_state.get("base_checkpoint"), run.base_checkpoint)
+    finite.check_tree({k: restored[k] for k in ("params", "model_state")},
+                      f"The checkpoint of step {step}")
+    _set_iterator_state(iterator, data_state)
+
+  found = ckpt.restore_latest(ckpt_lib.abstract_of(_saved(state)), check)
+  if found is None:
+    return state, 0
+  restored, _, step = found
   writer_lib.console(f"Resuming from {ckpt.directory}/{step}")
-  restored, data_state = ckpt.restore(ckpt_lib.abstract_of(_saved(state)), step)
-  _check_same_base(data_state.get("base_checkpoint"), run.base_checkpoint)
-  return dict(restored, frozen=state["frozen"]), data_state, int(step)
+  return dict(restored, frozen=state["frozen"]), int(step)
 
 
 def _check_same_base(saved: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
   saved_sha = (saved or {}).get("sha256")
   current_sha = (current or {}).get("sha256")
   if saved_sha != current_sha:
-    raise ValueError(
+    raise ckpt_lib.IncompatibleCheckpoint(
         f"This workdir was trained from base checkpoint {saved} but the config now starts from "
         f"{current}: the adapted weights only fit their own base. Use a fresh --workdir.")
 
@@ -134,9 +170,9 @@ def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None
   table = "\n".join(lines)
   writer_lib.console("Parameters:\n" + table)
   if jax.process_index() == 0:
-    (workdir / "param_counts.md").write_text(table + "\n")
-    _write_json(workdir / "param_counts.json",
-                [dict(module=m, trainable=t, frozen=f) for m, t, f in rows])
+    files.write_text(workdir / "param_counts.md", table + "\n")
+    files.write_json(workdir / "param_counts.json",
+                     [dict(module=m, trainable=t, frozen=f) for m, t, f in rows])
 
 
 def jit_update(update_fn, state: Mapping[str, Any], mesh: jax.sharding.Mesh):
@@ -148,65 +184,108 @@ def jit_update(update_fn, state: Mapping[str, Any], mesh: jax.sharding.Mesh):
                  out_shardings=(shardings, replicated))
 
 
-def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int) -> None:
-  total = run.total_steps
-  bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int,
+           workdir: pathlib.Path) -> dict[str, Any]:
+  """Trains steps `start + 1 .. total` (none for a finished run); returns the final state."""
+  bar = tqdm.tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not config.get("progress", True) or jax.process_index() != 0)
   with interrupt.StopOnSignal() as stop:
     try:
-      state = _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar, stop)
+      return _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar,
+                          stop, workdir)
     finally:
       writer.flush()
       bar.close()
-  run.final_state = state
+
+
+def _check_finite(step: int, measurements: Mapping[str, Any], ckpt: ckpt_lib.RunCheckpointer,
+                  workdir: pathlib.Path) -> None:
+  def last_checkpoint() -> pathlib.Path | None:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    return None if last is None else ckpt.directory / str(last)
+
+  finite.check_measurements(step, measurements, workdir, last_checkpoint)
 
 
 def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: int, bar,
-                 stop: interrupt.StopOnSignal):
-  """Steps `start + 1 .. total`: log, evaluate, checkpoint; a stop request saves and raises."""
+                 stop: interrupt.StopOnSignal, workdir: pathlib.Path) -> dict[str, Any]:
+  """Steps `start + 1 .. total`: log, evaluate, checkpoint; a stop request saves and raises.
+
+  Every step's loss and parameter norm are checked, one step late to keep dispatch
+  asynchronous, and at once at a step that is logged, evaluated or saved.
+  """
   total = run.total_steps
   log_every = config.get("log_every", 50) or 50
   eval_every = config.get("eval_every", 0) or run.steps_per_epoch
   ckpt_every = config.get("checkpoint_every", 0) or run.steps_per_epoch
-  previous = None  # (step, loss array): checked one step late to keep dispatch asynchronous.
+  previous = None  # (step, measurements) of the step before.
   timer = (time.perf_counter(), start)
   for step in range(start + 1, total + 1):
     batch = mesh_lib.global_batch(next(iterator), run.mesh)
     state, measurements = update_fn(state, run.rng, batch)
     if previous is not None:
-      _check_finite(float(previous[1]), previous[0])
-    previous = (step, measurements["loss"])
+      _check_finite(*previous, ckpt, workdir)
+    previous = (step, measurements)
     bar.update(1)
-    if stop.signum is not None and step < total:
-      _check_finite(float(measurements["loss"]), step)
+    stopping = stop.signum is not None and step < total
+    log = step % log_every == 0 or step == total
+    evaluate = step % eval_every == 0 or step == total
+    save = step % ckpt_every == 0 or step == total
+    if stopping or log or evaluate or save:
+      _check_finite(step, measurements, ckpt, workdir)
+    if stopping:
       ckpt.save(step, _saved(state), _data_state(iterator, run))
       ckpt.wait()
       raise interrupt.Stopped(step, stop.signum)
-    if step % log_every == 0 or step == total:
-      _check_finite(float(measurements["loss"]), step)
-      now = time.perf_counter()
-      rate = (step - timer[1]) * run.batch_size / max(now - timer[0], 1e-9)
-      timer = (now, step)
-      values = {f"train/{k}": float(v) for k, v in jax.device_get(measurements).items()}
-      epoch = step * run.batch_size / run.num_train_examples
-      values.update({"train/epoch": epoch, "train/img_per_sec": rate})
-      writer.write(step, values)
-      bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-    if step % eval_every == 0 or step == total:
-      metrics = _evaluate(run.evaluators, state, run.periodic_evals)
-      writer.write(step, metrics)
-      weights = {"params": state["params"], "model_state": state["model_state"]}
-      if ckpt.best_metric in metrics:
-        ckpt.save_best(step, weights, metrics)
-      bar.write(f"step {step}: " + ", ".join(
-          f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/auc", "/acc"))))
-    if step % ckpt_every == 0 or step == total:
+    if log:
+      timer = _log_train(step, measurements, timer, run, writer, bar)
+    if evaluate:
+      _evaluate_periodic(step, state, run, ckpt, writer, bar)
+    if save:
       ckpt.save(step, _saved(state), _data_state(iterator, run))
   return state
 
 
-def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any) -> pathlib.Path:
-  """Writes one plain checkpoint of the full model (LoRA merged) in fm_adapt's `.npz` layout."""
+def _log_train(step: int, measurements, timer: tuple[float, int], run, writer, bar
+               ) -> tuple[float, int]:
+  """Writes the training metrics of `step`; returns the new (time, step) of the rate timer."""
+  now = time.perf_counter()
+  rate = (step - timer[1]) * run.batch_size / max(now - timer[0], 1e-9)
+  values = {f"train/{k}": float(v) for k, v in jax.device_get(measurements).items()}
+  epoch = step * run.batch_size / run.num_train_examples
+  values.update({"train/epoch": epoch, "train/img_per_sec": rate})
+  writer.write(step, values)
+  bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+  return now, step
+
+
+def _format(metrics: Mapping[str, float | None]) -> str:
+  return ", ".join(f"{k}={'null' if v is None else f'{v:.4f}'}" for k, v in metrics.items()
+                   if k.endswith(("/auc", "/acc")))
+
+
+def _evaluate_periodic(step: int, state, run, ckpt: ckpt_lib.RunCheckpointer, writer, bar
+                       ) -> None:
+  """Runs the periodic evaluators, logs them, and saves the weights if they are the best."""
+  metrics = _evaluate(run.evaluators, state, run.periodic_evals)
+  writer.write(step, metrics)
+  if ckpt.best_metric and metrics:
+    if ckpt.best_metric not in metrics:
+      raise ValueError(f"config.best_metric={ckpt.best_metric!r} is not a metric of the "
+                       f"evaluations; they give {sorted(metrics)}.")
+    weights = {"params": state["params"], "model_state": state["model_state"]}
+    ckpt.save_best(step, weights, metrics)
+  bar.write(f"step {step}: " + _format(metrics))
+
+
+def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any,
+                   what: str = "The exported state") -> pathlib.Path:
+  """Writes one plain checkpoint of the full model (LoRA merged) in fm_adapt's `.npz` layout.
+
+  Raises:
+    NonFiniteError: naming `what`, if any exported array is not finite (nothing is written).
+  """
   params = masks.merge(state["params"], state["frozen"])
   variables = {"params": params, **state["model_state"]}
   if jax.process_count() > 1:
@@ -214,29 +293,37 @@ def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any
   variables = jax.device_get(variables)
   if adaptation is not None:
     variables["params"] = adaptation.merge(variables["params"])
+  finite.check_tree(variables, what)
   if jax.process_index() == 0:
     native.save_native(path, variables)
   return path
 
 
-def _final_results(config, run, ckpt, workdir) -> dict[str, Any]:
-  """Evaluates the best checkpoint (by `best_metric`) on every evaluator, test included."""
-  state = getattr(run, "final_state", None)
-  if state is None:  # The run had already finished: reload its last state.
-    fresh = run.init_state()
-    restored, _ = ckpt.restore(ckpt_lib.abstract_of(_saved(fresh)))
-    state = dict(restored, frozen=fresh["frozen"])
+def _final_results(config, run, ckpt, workdir, state) -> dict[str, Any]:
+  """Evaluates the best checkpoint (by `best_metric`; else the final state) on every evaluator.
+
+  The per-sample predictions of every evaluator go to `<workdir>/predictions/<name>.csv`.
+  """
   best_step = ckpt.best_step()
   if best_step is not None:
     abstract = ckpt_lib.abstract_of({"params": state["params"], "model_state": state["model_state"]})
     state = dict(state, **ckpt.restore_best(abstract))
-  metrics = _evaluate(run.evaluators, state)
-  export = export_weights(workdir / "export" / "model.npz", state, run.adaptation)
+    selection = f"best_checkpoint ({ckpt.best_metric} at step {best_step})"
+  else:
+    reason = (f"no finite {ckpt.best_metric}" if ckpt.best_metric and run.periodic_evals else
+              "no periodic evaluation" if ckpt.best_metric else "no config.best_metric")
+    selection = f"final_state ({reason})"
+    writer_lib.console(f"Warning: no best checkpoint ({reason}): the final state is evaluated "
+                       "and exported.")
+  metrics = _evaluate(run.evaluators, state, predictions_dir=workdir / "predictions")
+  what = (f"The best checkpoint (step {best_step})" if best_step is not None else
+          f"The final state (step {run.total_steps})")
+  export = export_weights(workdir / "export" / "model.npz", state, run.adaptation, what)
   writer = writer_lib.MetricWriter(workdir, tensorboard=False)
   writer.write(run.total_steps, {f"best/{k}": v for k, v in metrics.items()})
   return {
-      "best_step": best_step, "total_steps": run.total_steps, "metrics": metrics,
-      "data": dataclasses.asdict(run.spec),
+      "best_step": best_step, "selection": selection, "total_steps": run.total_steps,
+      "metrics": metrics, "data": dataclasses.asdict(run.spec),
       "model_name": config.model_name, "model": dict(config.get("model", {})),
       "seed": config.get("seed", 0), "base_checkpoint": run.base_checkpoint,
       "export": str(export),

@@ -41,7 +41,6 @@ class Run:
   periodic_evals: list[str]
   base_checkpoint: dict[str, str] | None = None
   adaptation: Any = None
-  final_state: Any = None
 
 
 @dataclasses.dataclass

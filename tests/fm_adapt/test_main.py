@@ -1,13 +1,14 @@
-"""The command line fails early and clearly on bad input."""
+"""The command line fails early and clearly on bad input, and on a workdir in use."""
 import pathlib
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _main(*args):
-  return subprocess.run([sys.executable, "-m", "fm_adapt.main", *args], cwd=REPO,
+def _main(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "fm_adapt.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
 
 
@@ -32,3 +33,28 @@ def test_missing_data_dir_is_clear(tmp_path):
   out = _main("--config", "experiments/quickstart.py:runlocal", "--workdir", str(tmp_path / "w"),
               "--data_dir", str(tmp_path / "nowhere"))
   assert out.returncode != 0 and "FM_ADAPT_DATA_DIR" in out.stderr
+
+
+def test_second_process_on_a_workdir_exits_at_once_naming_the_holder(tmp_path, tiny_experiment,
+                                                                     tiny_env):
+  """Two real training processes on one workdir: the second stops before touching it."""
+  args = ["--config", str(tiny_experiment()), "--workdir", str(tmp_path / "w"),
+          "--config.total_steps=100000", "--config.eval_every=100000",
+          "--config.checkpoint_every=100000"]
+  holder = subprocess.Popen([sys.executable, "-m", "fm_adapt.main", *args], cwd=REPO,
+                            env=tiny_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    lock, metrics = tmp_path / "w" / ".lock", tmp_path / "w" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and holder.poll() is None and not (
+        metrics.exists() and metrics.read_text().strip()):
+      time.sleep(0.1)
+    assert holder.poll() is None, "the first run ended before the second started"
+    assert lock.read_text().strip() == str(holder.pid)
+    out = _main(*args, env=tiny_env)
+    assert holder.poll() is None  # The second process did not wait for the first.
+    assert out.returncode == 1
+    assert f"is in use by process {holder.pid}" in out.stderr and "Traceback" not in out.stderr
+  finally:
+    holder.kill()
+    holder.wait()

@@ -2,7 +2,10 @@
 
 One-step training through the CLI, a run killed mid-training that resumes to the same final
 parameters as an uninterrupted run, and the same losses on 8 simulated CPU devices as on 1.
+Then, on synthetic data: non-finite states, config changes, corrupt checkpoints and the log on
+resume, the selection of the evaluated state.
 """
+import csv
 import json
 import os
 import pathlib
@@ -12,9 +15,17 @@ import sys
 import textwrap
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
+import sklearn.metrics
+
+from fm_adapt.train import loop
+from fm_adapt.train import workdir as workdir_lib
+from fm_adapt.train import writer as writer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = "experiments/quickstart.py:runlocal,data=subset_b"
@@ -166,3 +177,122 @@ def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, shared_data_dir,
   assert [p.name for p in (workdir / "ckpt").glob("*") if p.name.isdigit()] == [str(stopped)]
   state = ocp.StandardCheckpointer().restore(workdir / "ckpt" / str(stopped) / "state")
   assert int(state["step"]) == stopped
+
+
+# Runs on the synthetic data of tests/fm_adapt/conftest.py (4 steps of a ViT-mu/7, in process).
+
+
+def _steps(workdir: pathlib.Path, kind: str = "ckpt") -> list[int]:
+  return sorted(int(p.name) for p in (workdir / kind).glob("*") if p.name.isdigit())
+
+
+def _finite_arrays(path: pathlib.Path) -> bool:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(path))]
+  return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def _diverge_from(monkeypatch, bad_step: int) -> None:
+  """From `bad_step` on, the update returns NaN parameters (loss still finite at `bad_step`,
+  as it is computed before the update), as a diverging run does."""
+  original = loop.setup_lib.setup_run
+
+  def setup_run(*args, **kwargs):
+    run = original(*args, **kwargs)
+    update = run.update_fn
+
+    def diverging(state, rng, batch):
+      new, measurements = update(state, rng, batch)
+      scale = jnp.where(new["step"] >= bad_step, jnp.nan, 1.0)
+      params = jax.tree.map(lambda p: p * scale, new["params"])
+      return dict(new, params=params), dict(measurements, l2_params=optax.global_norm(params))
+
+    run.update_fn = diverging
+    return run
+
+  monkeypatch.setattr(loop.setup_lib, "setup_run", setup_run)
+
+
+def test_non_finite_state_is_never_saved_and_resume_starts_before_it(
+    tmp_path, tiny_config, monkeypatch, capsys):
+  config, workdir = tiny_config(checkpoint_every=1, keep_ckpts=5), tmp_path / "w"
+  with monkeypatch.context() as patch:
+    _diverge_from(patch, 3)
+    with pytest.raises(loop.NonFiniteError) as error:
+      loop.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert f"at step 3 in {workdir}:" in message and "<workdir>" not in message
+  assert f"The last finite checkpoint is {workdir / 'ckpt' / '2'}" in message
+  assert _steps(workdir) == [1, 2] and _steps(workdir, "best") == [2]
+  assert all(_finite_arrays(workdir / "ckpt" / str(s) / "state") for s in (1, 2))
+  assert not (workdir / "export").exists()
+  capsys.readouterr()
+  results = loop.train_and_evaluate(config, workdir)  # The same command resumes from step 2.
+  assert f"Resuming from {workdir / 'ckpt' / '2'}" in capsys.readouterr().err
+  assert results["total_steps"] == 4 and _steps(workdir) == [1, 2, 3, 4]
+
+
+def test_diverging_lr_saves_nothing(tmp_path, tiny_config):
+  """lr=1e30: the parameters of step 1 are finite but their norm is not; nothing is saved."""
+  with pytest.raises(loop.NonFiniteError, match="at step 1 .*No checkpoint was saved before it"):
+    loop.train_and_evaluate(tiny_config(lr=1e30, checkpoint_every=1), tmp_path / "w")
+  assert _steps(tmp_path / "w") == [] and _steps(tmp_path / "w", "best") == []
+
+
+def test_finished_run_resumes_only_with_its_config(tmp_path, tiny_config):
+  workdir = tmp_path / "w"
+  first = loop.train_and_evaluate(tiny_config(), workdir)
+  assert first["selection"] == f"best_checkpoint (val/auc at step {first['best_step']})"
+  stored = (workdir / "config.json").read_text()
+  with pytest.raises(workdir_lib.ConfigChanged, match="total_steps: stored 4, now 8"):
+    loop.train_and_evaluate(tiny_config(total_steps=8, lr=0.5), workdir)
+  assert (workdir / "config.json").read_text() == stored
+  with pytest.raises(workdir_lib.ConfigChanged, match="--allow_harmless_changes"):
+    loop.train_and_evaluate(tiny_config(log_every=2), workdir)
+  again = loop.train_and_evaluate(tiny_config(log_every=2), workdir, allow_harmless_changes=True)
+  assert again["metrics"] == first["metrics"] and again["best_step"] == first["best_step"]
+  # The best checkpoint's per-sample predictions, re-scored, give the reported test AUC.
+  rows = list(csv.DictReader((workdir / "predictions" / "test.csv").open()))
+  assert len(rows) == 32 and (workdir / "predictions" / "val.csv").exists()
+  auc = sklearn.metrics.roc_auc_score([int(r["label"]) for r in rows],
+                                      [float(r["score_1"]) for r in rows])
+  assert auc == pytest.approx(first["metrics"]["test/auc"], abs=1e-12)
+
+
+def _truncate_arrays(step_dir: pathlib.Path) -> None:
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[:10])
+
+
+def test_resume_after_a_corrupt_latest_checkpoint_logs_each_step_once(tmp_path, tiny_config,
+                                                                      capsys):
+  workdir = tmp_path / "w"
+  loop.train_and_evaluate(tiny_config(), workdir)
+  (workdir / "results.json").unlink()  # As if killed after step 4 was saved (and corrupted).
+  _truncate_arrays(workdir / "ckpt" / "4")
+  capsys.readouterr()
+  loop.train_and_evaluate(tiny_config(), workdir)
+  err = capsys.readouterr().err
+  assert f"checkpoint {workdir / 'ckpt' / '4'} cannot be restored" in err
+  assert f"Resuming from {workdir / 'ckpt' / '2'}" in err
+  assert _steps(workdir) == [2, 4] and (workdir / "corrupt" / "ckpt_4").is_dir()
+  rows = writer_lib.read_metrics(workdir)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows if "val/auc" in r] == [2, 4]
+  assert sum(any(k.startswith("best/") for k in r) for r in rows) == 1
+
+
+def test_no_finite_best_metric_selects_the_final_state(tmp_path, tiny_config):
+  """A validation split of one class leaves val/auc undefined: results.json says so, in JSON."""
+  results = loop.train_and_evaluate(tiny_config("one_class_val"), tmp_path / "w")
+  assert results["best_step"] is None
+  assert results["selection"] == "final_state (no finite val/auc)"
+  text = (tmp_path / "w" / "results.json").read_text()
+  saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+  assert saved["metrics"]["val/auc"] is None and saved["selection"] == results["selection"]
+
+
+def test_best_metric_of_no_periodic_evaluator_fails_before_training(tmp_path, tiny_config):
+  with pytest.raises(ValueError, match="best_metric='vall/auc' names no evaluator .*\\['val'\\]"):
+    loop.train_and_evaluate(tiny_config(best_metric="vall/auc"), tmp_path / "w")
+  assert _steps(tmp_path / "w") == []
