@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fm_adapt.adapt import masks
+from fm_adapt.train import workdir as workdir_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -37,15 +38,19 @@ def check_measurements(step: int, measurements: Mapping[str, Any], workdir: path
     return
   last = last_checkpoint()
   if last is not None:
-    resume = (f"The last finite checkpoint is {last}: running the same command "
-              "resumes from it (with the same config a deterministic run meets this step again).")
+    resume = (f"The last finite checkpoint is {last}: running the same command resumes from it "
+              "(with the same config a deterministic run meets this step again).")
   else:
     resume = "No checkpoint was saved before it."
+  if workdir_lib.has_progress(workdir):
+    change = ("use a fresh --workdir (a resume here refuses config changes that alter "
+              "training)")
+  else:
+    change = "run again with the new config (nothing was saved, so this workdir takes it)"
   raise NonFiniteError(
       f"Non-finite training state at step {step} in {workdir}: loss {loss}, parameter norm "
       f"{norm}; it was not saved. {resume} To lower config.lr, add config.grad_clip_norm or "
-      "change the data, use a fresh --workdir (a resume refuses config changes that alter "
-      "training), and check the input pipeline for NaNs.")
+      f"change the data, {change}; and check the input pipeline for NaNs.")
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
