@@ -8,7 +8,8 @@ with the differing keys; the keys in `HARMLESS_KEYS` (logging, checkpoint cadenc
 data lives, evaluation batch size) change nothing a checkpoint depends on, and are accepted
 with `allow_harmless_changes=True` (`--allow_harmless_changes`). `config.json` keeps the
 original values. A key missing from an older `config.json` (written before the key existed) is
-accepted, with a warning, when the config holds the key's `base_config()` default.
+accepted, with a warning, when the config holds the key's `base_config()` default (or, for a key
+whose earlier behaviour differs from that default, the value in `IMPLIED_BEFORE_KEY`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ CONFIG_NAME = "config.json"
 # checkpoint as they were (`eval_every` is not here: it changes which steps compete for best).
 HARMLESS_KEYS = ("log_every", "progress", "keep_ckpts", "checkpoint_every", "data_dir",
                  "description", "input.worker_count", "input.eval_batch_size")
+
+# Keys added after workdirs were written whose earlier behaviour is not today's default: a
+# config.json without the key was trained with this value (the loader carried batches across
+# epochs before `input.last_batch` existed).
+IMPLIED_BEFORE_KEY = {"input.last_batch": "carry"}
 
 _held: dict[str, int] = {}  # resolved workdir -> nesting depth of this process's lock
 
@@ -132,10 +138,11 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]
 
   Returns:
     (changes that alter training, harmless changes, keys absent from the stored config that hold
-    their `base_config()` default), each as 'key: stored X, now Y' lines.
+    their `base_config()` default, or their `IMPLIED_BEFORE_KEY` value), each as
+    'key: stored X, now Y' lines.
   """
   stored, current = _flatten(_plain(stored)), _flatten(_plain(current))
-  defaults = _flatten(_plain(config_lib.base_config()))
+  defaults = dict(_flatten(_plain(config_lib.base_config())), **IMPLIED_BEFORE_KEY)
   missing = object()
   training, harmless, defaulted = [], [], []
   for key in sorted(set(stored) | set(current)):

@@ -118,3 +118,17 @@ def test_second_process_is_refused_and_a_dead_holder_blocks_nothing(tmp_path):
     holder.wait()
   with workdir_lib.lock(tmp_path):  # The .lock file of a dead process blocks nothing.
     pass
+
+
+def test_a_workdir_from_before_last_batch_was_trained_carrying_batches(tmp_path):
+  """Before `input.last_batch` existed batches ran on across epochs: its default 'pad' changes
+  training for such a workdir, 'carry' does not."""
+  _trained(tmp_path, _config())
+  stored = json.loads((tmp_path / "config.json").read_text())
+  del stored["input"]["last_batch"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(workdir_lib.ConfigChanged, match='input.last_batch: stored \\(absent\\), now "pad"'):
+    workdir_lib.check_config(tmp_path, _config())
+  config = _config()
+  config.input.last_batch = "carry"
+  workdir_lib.check_config(tmp_path, config)
