@@ -31,7 +31,8 @@ def _runs(module, arg):
 def test_arguments_are_parsed_once(monkeypatch):
   calls = []
   parse_arg = config_lib.parse_arg
-  monkeypatch.setattr(config_lib, "parse_arg", lambda *a, **k: calls.append(a) or parse_arg(*a, **k))
+  monkeypatch.setattr(config_lib, "parse_arg",
+                      lambda *a, **k: calls.append(a) or parse_arg(*a, **k))
   module = _load()
   runs = _runs(module, "runlocal")
   for _ in runs[:3]:  # The study builds get_config(arg) once per run.

@@ -30,7 +30,8 @@ def _random_params(model: vit.Model, prompt=None, seed: int = 0) -> dict:
   abstract = jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct(IMAGE.shape, jnp.float32))
   abstract = abstract['params']
   if prompt is not None:
-    abstract = dict(abstract, prompt=jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), abstract))
+    tree = jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), abstract)
+    abstract = dict(abstract, prompt=tree)
   return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), abstract)
 
 
