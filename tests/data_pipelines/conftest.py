@@ -1,4 +1,4 @@
-"""Fixtures of the data-pipeline tests: small real datasets built once per session in tmp dirs."""
+"""Fixtures of the data-pipeline tests: small datasets built once per session in tmp dirs."""
 import pathlib
 
 import pytest
@@ -13,10 +13,9 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
-def breast_train(shared_data_dir, tfds_dir):
-  """(source, spec) of the official BreastMNIST train split (546 examples, 28x28 grey)."""
-  cfg = dict(name='medmnist', flag='breastmnist', size=28, tfds_dir=str(tfds_dir))
-  return datasets.get_dataset(cfg, 'train', data_dir=shared_data_dir)
+def binary_train(synthetic_medmnist, tfds_dir):
+  """(source, spec) of the train split of the synthetic binary set (40 examples, 28x28 grey)."""
+  return datasets.get_dataset(synthetic_medmnist['binary'].data_cfg(tfds_dir), 'train')
 
 
 @pytest.fixture()

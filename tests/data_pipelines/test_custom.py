@@ -10,15 +10,15 @@ from data_pipelines import tfds_base
 
 
 @pytest.fixture(scope='module')
-def subset_b(shared_data_dir):
-  return shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_b.npz'
+def binary(synthetic_medmnist):
+  """The synthetic binary set (40/20/30 grey 28x28 examples)."""
+  return synthetic_medmnist['binary']
 
 
 @pytest.fixture(scope='module')
-def breast(shared_data_dir):
-  """The arrays of the official BreastMNIST file."""
-  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
-    return {k: d[k] for k in d.files}
+def breast(binary):
+  """The arrays of the synthetic binary set (BreastMNIST's layout)."""
+  return binary.arrays()
 
 
 def build_npz(path, tfds_dir, **kwargs):
@@ -31,28 +31,29 @@ def split_sizes(builder):
   return {name: split.num_examples for name, split in builder.info.splits.items()}
 
 
-def test_npz_builder_on_subset_b(subset_b, tfds_dir):
-  builder = build_npz(subset_b, tfds_dir)
-  assert split_sizes(builder) == {'train': 3882, 'val': 524, 'test': 624}
+def test_npz_builder_on_a_medmnist_layout_file(binary, tfds_dir):
+  builder = build_npz(binary.path, tfds_dir)
+  assert split_sizes(builder) == {'train': 40, 'val': 20, 'test': 30}
   cfg = builder.builder_config
-  assert re.fullmatch(r'pneumoniamnist_subset_b_[0-9a-f]{10}', cfg.name)
+  assert re.fullmatch(r'synthetic_binary_[0-9a-f]{10}', cfg.name)
   assert cfg.num_classes == 2 and cfg.class_names == ('0', '1') and cfg.task == 'multiclass'
   assert builder.info.metadata['official'] is False
-  source = builder.as_data_source('train')
-  with np.load(subset_b, allow_pickle=False) as d:
-    images, labels = d['train_images'], d['train_labels']
-  for i in (0, 1000, 3881):
-    np.testing.assert_array_equal(source[i]['image'][..., 0], images[i])
-    assert source[i]['label'] == labels[i, 0]
+  with np.load(binary.path, allow_pickle=False) as d:
+    for split in ('train', 'test'):
+      source = builder.as_data_source(split)
+      images, labels = d[f'{split}_images'], d[f'{split}_labels']
+      for i in (0, 17, len(source) - 1):
+        np.testing.assert_array_equal(source[i]['image'][..., 0], images[i])
+        assert source[i]['label'] == labels[i, 0]
 
 
-def test_config_names_differ_by_file_and_options(shared_data_dir, subset_b):
-  subset_a = shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_a.npz'
-  names = {custom.npz_config(subset_b).name, custom.npz_config(subset_a).name,
-           custom.npz_config(subset_b, class_names=['normal', 'pneumonia']).name,
-           custom.npz_config(subset_b, task='ordinal').name}
+def test_config_names_differ_by_file_and_options(synthetic_medmnist, binary):
+  other = synthetic_medmnist['ordinal_rgb'].path
+  names = {custom.npz_config(binary.path).name, custom.npz_config(other).name,
+           custom.npz_config(binary.path, class_names=['normal', 'tumour']).name,
+           custom.npz_config(binary.path, task='ordinal').name}
   assert len(names) == 4
-  assert custom.npz_config(subset_b).name == custom.npz_config(subset_b).name
+  assert custom.npz_config(binary.path).name == custom.npz_config(binary.path).name
 
 
 def test_same_stem_other_content_gets_another_name(tmp_path, breast):
@@ -63,18 +64,20 @@ def test_same_stem_other_content_gets_another_name(tmp_path, breast):
   assert custom.npz_config(first).name != custom.npz_config(second).name
 
 
-def test_train_only_rgb_and_class_names(tmp_path, shared_data_dir):
-  with np.load(shared_data_dir / 'medmnist' / 'retinamnist.npz', allow_pickle=False) as d:
-    images, labels = d['train_images'][:50], d['train_labels'][:50]
+def test_train_only_rgb_and_class_names(tmp_path, synthetic_medmnist):
+  arrays = synthetic_medmnist['ordinal_rgb'].arrays()
+  images, labels = arrays['train_images'][:25], arrays['train_labels'][:25]
   path = tmp_path / 'retina_small.npz'
   np.savez_compressed(path, train_images=images, train_labels=labels[:, 0])
   names = ['g0', 'g1', 'g2', 'g3', 'g4']
   builder = build_npz(path, tmp_path / 'tfds', task='ordinal', class_names=names)
-  assert split_sizes(builder) == {'train': 50}
+  assert split_sizes(builder) == {'train': 25}
   assert builder.info.metadata['class_names'] == names
-  example = builder.as_data_source('train')[3]
-  np.testing.assert_array_equal(example['image'], images[3])
-  assert example['label'] == labels[3, 0]
+  assert builder.builder_config.task == 'ordinal'
+  source = builder.as_data_source('train')
+  for i in (3, 24):
+    np.testing.assert_array_equal(source[i]['image'], images[i])
+    assert source[i]['label'] == labels[i, 0]
 
 
 def test_multilabel(tmp_path, breast):
@@ -90,13 +93,27 @@ def test_multilabel(tmp_path, breast):
   np.testing.assert_array_equal(example['label'], labels[7])
 
 
-def test_volumes(tmp_path, shared_data_dir):
-  with np.load(shared_data_dir / 'medmnist' / 'adrenalmnist3d.npz', allow_pickle=False) as d:
-    images, labels = d['val_images'][:6], d['val_labels'][:6]
+def test_multilabel_file_with_14_labels(synthetic_medmnist, tfds_dir):
+  chest_like = synthetic_medmnist['multilabel']
+  builder = build_npz(chest_like.path, tfds_dir, task='multilabel')
+  assert builder.builder_config.num_classes == 14
+  labels = chest_like.arrays()['val_labels']
+  source = builder.as_data_source('val')
+  for i in (0, 19):
+    assert source[i]['label'].shape == (14,)
+    np.testing.assert_array_equal(source[i]['label'], labels[i])
+
+
+def test_volumes(tmp_path, synthetic_medmnist):
+  arrays = synthetic_medmnist['volume'].arrays()
+  images, labels = arrays['val_images'][:6], arrays['val_labels'][:6]
   path = tmp_path / 'vol.npz'
   np.savez(path, train_images=images, train_labels=labels)
   builder = build_npz(path, tmp_path / 'tfds')
-  np.testing.assert_array_equal(builder.as_data_source('train')[2]['image'][..., 0], images[2])
+  example = builder.as_data_source('train')[2]
+  assert example['image'].shape == (28, 28, 28, 1)
+  np.testing.assert_array_equal(example['image'][..., 0], images[2])
+  assert example['label'] == labels[2, 0]
 
 
 def save_npz(path, breast, **overrides):
@@ -152,7 +169,7 @@ def test_npz_not_a_zip(tmp_path):
 
 
 def write_folder(root, breast, split_level=True, per_class=4):
-  """PNGs of real BreastMNIST images: <root>/[<split>/]<class>/<i>.png; returns what was written."""
+  """PNGs of BreastMNIST-layout images: <root>/[<split>/]<class>/<i>.png; returns them by path."""
   written = {}
   splits = ('train', 'test') if split_level else ('train',)
   for split in splits:

@@ -7,10 +7,13 @@ from PIL import Image
 
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets
+from data_pipelines import npz
 
 
-def test_medmnist_spec_and_examples(breast_train):
-  source, spec = breast_train
+@pytest.mark.real_data('checks the official BreastMNIST metadata, md5 and split sizes')
+def test_medmnist_spec_and_examples(shared_data_dir, tfds_dir):
+  cfg = dict(name='medmnist', flag='breastmnist', size=28, tfds_dir=str(tfds_dir))
+  source, spec = datasets.get_dataset(cfg, 'train', data_dir=shared_data_dir)
   assert spec.name == 'medmnist/breastmnist_28'
   assert spec.task == 'multiclass' and spec.num_classes == 2
   assert spec.class_names == ('malignant', 'normal, benign')
@@ -24,6 +27,27 @@ def test_medmnist_spec_and_examples(breast_train):
   assert type(example['label']) is int
 
 
+def test_npz_spec_and_examples(binary_train, synthetic_medmnist):
+  source, spec = binary_train
+  binary = synthetic_medmnist['binary']
+  assert spec.name.startswith('custom_npz/synthetic_binary_')
+  assert spec.task == 'multiclass' and spec.num_classes == 2 and spec.class_names == ('0', '1')
+  assert spec.split_sizes == {'train': 40, 'val': 20, 'test': 30}
+  assert spec.image_shape == (28, 28, 1) and not spec.official
+  assert spec.variant == (f'custom npz synthetic_binary.npz (md5 {npz.md5sum(binary.path)}), '
+                          'not an official file')
+  assert len(source) == 40
+  arrays = binary.arrays()
+  for i in (0, 39):
+    example = source[i]
+    assert set(example) == {'image', 'label'}
+    assert example['image'].dtype == np.uint8 and example['image'].shape == (28, 28, 1)
+    np.testing.assert_array_equal(example['image'][..., 0], arrays['train_images'][i])
+    assert type(example['label']) is int and example['label'] == arrays['train_labels'][i, 0]
+
+
+@pytest.mark.real_data("checks that the official RetinaMNIST task 'ordinal-regression' maps to "
+                       "'ordinal', and its official test size")
 def test_ordinal_rgb_medmnist(shared_data_dir, tfds_dir):
   cfg = dict(name='medmnist', flag='retinamnist', tfds_dir=str(tfds_dir), split='train')
   source, spec = datasets.get_dataset(cfg, 'test', data_dir=shared_data_dir)
@@ -31,32 +55,40 @@ def test_ordinal_rgb_medmnist(shared_data_dir, tfds_dir):
   assert len(source) == 400  # The split argument wins over data_cfg['split'].
 
 
-def test_npz_relative_to_data_dir(shared_data_dir, tfds_dir, monkeypatch):
-  monkeypatch.setenv(data_dir_lib.ENV_VAR, str(shared_data_dir))
-  cfg = dict(name='npz', path='medmnist_derived/pneumoniamnist_subset_b.npz', task='multiclass',
-             class_names=None, tfds_dir=str(tfds_dir))
+def test_ordinal_rgb_npz(synthetic_medmnist, tfds_dir):
+  cfg = synthetic_medmnist['ordinal_rgb'].data_cfg(tfds_dir, split='train')
+  source, spec = datasets.get_dataset(cfg, 'test')
+  assert spec.task == 'ordinal' and spec.num_classes == 5 and spec.image_shape == (28, 28, 3)
+  assert len(source) == 30  # The split argument wins over data_cfg['split'] (train: 40).
+  assert source[0]['image'].shape == (28, 28, 3)
+
+
+def test_npz_relative_to_data_dir(synthetic_medmnist, tfds_dir, monkeypatch):
+  binary = synthetic_medmnist['binary']
+  monkeypatch.setenv(data_dir_lib.ENV_VAR, str(binary.path.parent))
+  cfg = dict(name='npz', path=binary.path.name, task='multiclass', class_names=None,
+             tfds_dir=str(tfds_dir))
   source, spec = datasets.get_dataset(cfg, 'val')
-  assert spec.split_sizes == {'train': 3882, 'val': 524, 'test': 624}
-  assert len(source) == 524 and not spec.official and 'not an official file' in spec.variant
-  assert spec.name.startswith('custom_npz/pneumoniamnist_subset_b_')
+  assert spec.split_sizes == {'train': 40, 'val': 20, 'test': 30}
+  assert len(source) == 20 and not spec.official and 'not an official file' in spec.variant
+  assert spec.name.startswith('custom_npz/synthetic_binary_')
 
 
-def test_multilabel_examples(tmp_path, shared_data_dir):
-  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
-    images, labels = d['test_images'][:12], d['test_labels'][:12]
-  path = tmp_path / 'ml.npz'
-  np.savez(path, train_images=images, train_labels=np.concatenate([labels, 1 - labels], 1))
-  cfg = dict(name='npz', path=str(path), task='multilabel', class_names=['a', 'b'],
-             tfds_dir=str(tmp_path / 'tfds'))
-  source, spec = datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
-  assert spec.task == 'multilabel' and spec.class_names == ('a', 'b')
-  label = source[0]['label']
-  assert label.dtype == np.int64 and label.tolist() == [labels[0, 0], 1 - labels[0, 0]]
+def test_multilabel_examples(synthetic_medmnist, tfds_dir):
+  chest_like = synthetic_medmnist['multilabel']
+  names = [f'finding{j}' for j in range(14)]
+  source, spec = datasets.get_dataset(chest_like.data_cfg(tfds_dir, class_names=names), 'test')
+  assert spec.task == 'multilabel' and spec.class_names == tuple(names)
+  assert spec.num_classes == 14 and len(source) == 30
+  labels = chest_like.arrays()['test_labels']
+  for i in (0, 29):
+    label = source[i]['label']
+    assert label.dtype == np.int64 and label.tolist() == labels[i].tolist()
 
 
-def test_image_folder(tmp_path, shared_data_dir):
-  with np.load(shared_data_dir / 'medmnist' / 'retinamnist.npz', allow_pickle=False) as d:
-    images, labels = d['train_images'][:30], d['train_labels'][:30, 0]
+def test_image_folder(tmp_path, synthetic_medmnist):
+  arrays = synthetic_medmnist['ordinal_rgb'].arrays()
+  images, labels = arrays['train_images'][:30], arrays['train_labels'][:30, 0]
   for i, (image, label) in enumerate(zip(images, labels)):
     folder = tmp_path / 'fundus' / f'grade{label}'
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,31 +98,32 @@ def test_image_folder(tmp_path, shared_data_dir):
   source, spec = datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
   assert spec.image_shape == (16, 16, 3) and spec.task == 'multiclass'
   assert spec.class_names == tuple(f'grade{g}' for g in sorted(set(labels)))
+  assert len(spec.class_names) == 5
   assert sum(spec.split_sizes.values()) == 30 and set(spec.split_sizes) == {'train', 'test'}
   assert source[0]['image'].shape == (16, 16, 3) and '16x16x3' in spec.variant
 
 
-def test_read_only_data_dir_falls_back_to_cache(tmp_path, shared_data_dir, monkeypatch):
+def test_read_only_data_dir_falls_back_to_cache(tmp_path, synthetic_medmnist, monkeypatch):
   read_only = tmp_path / 'shared'
-  (read_only / 'medmnist').mkdir(parents=True)
-  shutil.copy(shared_data_dir / 'medmnist' / 'breastmnist.npz', read_only / 'medmnist')
+  read_only.mkdir()
+  shutil.copy(synthetic_medmnist['binary'].path, read_only / 'mine.npz')
   read_only.chmod(0o555)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   try:
-    _, spec = datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'test',
-                                   data_dir=read_only)
+    _, spec = datasets.get_dataset(dict(name='npz', path='mine.npz'), 'test', data_dir=read_only)
   finally:
     read_only.chmod(0o755)
   assert not (read_only / 'tfds').exists()
-  assert (tmp_path / 'cache' / 'fm_adapt' / 'tfds' / 'medmnist' / 'breastmnist_28').is_dir()
-  assert spec.split_sizes['test'] == 156
+  config_name = spec.name.split('/')[1]
+  assert (tmp_path / 'cache' / 'fm_adapt' / 'tfds' / 'custom_npz' / config_name).is_dir()
+  assert spec.split_sizes['test'] == 30
 
 
-def test_writable_data_dir_builds_inside(tmp_path, shared_data_dir):
-  (tmp_path / 'medmnist').mkdir()
-  shutil.copy(shared_data_dir / 'medmnist' / 'breastmnist.npz', tmp_path / 'medmnist')
-  datasets.get_dataset(dict(name='medmnist', flag='breastmnist'), 'val', data_dir=tmp_path)
-  assert (tmp_path / 'tfds' / 'medmnist' / 'breastmnist_28' / '1.0.0').is_dir()
+def test_writable_data_dir_builds_inside(tmp_path, synthetic_medmnist):
+  shutil.copy(synthetic_medmnist['binary'].path, tmp_path / 'mine.npz')
+  _, spec = datasets.get_dataset(dict(name='npz', path='mine.npz'), 'val', data_dir=tmp_path)
+  config_name = spec.name.split('/')[1]
+  assert (tmp_path / 'tfds' / 'custom_npz' / config_name / '1.0.0').is_dir()
 
 
 @pytest.mark.parametrize('cfg, message', [
@@ -105,16 +138,17 @@ def test_writable_data_dir_builds_inside(tmp_path, shared_data_dir):
     (dict(name='medmnist', flag='breastmnist', size=32), 'released at sizes'),
     (dict(name='medmnist', flag='mnist'), 'Unknown MedMNIST flag'),
 ])
-def test_bad_configs(cfg, message, shared_data_dir):
+def test_bad_configs(cfg, message, tmp_path):
   with pytest.raises(ValueError, match=message):
-    datasets.get_dataset(cfg, 'train', data_dir=shared_data_dir)
+    datasets.get_dataset(cfg, 'train', data_dir=tmp_path)
+  assert list(tmp_path.iterdir()) == []  # Refused before anything is written.
 
 
-def test_unknown_split(shared_data_dir, tfds_dir):
-  cfg = dict(name='medmnist', flag='breastmnist', tfds_dir=str(tfds_dir))
+def test_unknown_split(synthetic_medmnist, tfds_dir):
+  cfg = synthetic_medmnist['binary'].data_cfg(tfds_dir)
   with pytest.raises(ValueError, match=r"Unknown split 'validation'.*\['train', 'val', 'test'\]"):
-    datasets.get_dataset(cfg, 'validation', data_dir=shared_data_dir)
-  source, _ = datasets.get_dataset(cfg, 'train[:10]', data_dir=shared_data_dir)
+    datasets.get_dataset(cfg, 'validation')
+  source, _ = datasets.get_dataset(cfg, 'train[:10]')
   assert len(source) == 10
 
 
@@ -125,10 +159,9 @@ def test_missing_data_dir_for_relative_path(tmp_path, monkeypatch):
     datasets.get_dataset(dict(name='npz', path='some/file.npz'), 'train')
 
 
-def test_missing_npz(shared_data_dir):
+def test_missing_npz(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing_here.npz'):
-    datasets.get_dataset(dict(name='npz', path='nothing_here.npz'), 'train',
-                         data_dir=shared_data_dir)
+    datasets.get_dataset(dict(name='npz', path='nothing_here.npz'), 'train', data_dir=tmp_path)
 
 
 @pytest.mark.parametrize('policy', ['per_image', 'per_dataset'])

@@ -26,21 +26,21 @@ def labels_of(batches, masked=True):
   return out
 
 
-def test_batch_format_on_real_data(breast_train):
-  source, _ = breast_train
-  batches = list(make(source, pp='resize(32)|gray_to_rgb|value_range(-1, 1)', batch_size=64))
-  assert len(batches) == 546 // 64  # drop_remainder
-  batch = batches[0]
+def test_batch_format_on_a_built_dataset(binary_train):
+  source, _ = binary_train
+  batches = list(make(source, pp='resize(32)|gray_to_rgb|value_range(-1, 1)', batch_size=16))
+  assert len(batches) == 40 // 16  # drop_remainder
+  batch = batches[1]
   assert set(batch) == {'image', 'label', 'mask'}
-  assert batch['image'].shape == (64, 32, 32, 3) and batch['image'].dtype == np.float32
-  assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+  assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
   assert batch['mask'].dtype == np.bool_ and batch['mask'].all()
   assert -1 <= batch['image'].min() and batch['image'].max() <= 1
-  np.testing.assert_array_equal(batch['label'], [source[i]['label'] for i in range(64)])
+  np.testing.assert_array_equal(batch['label'], [source[i]['label'] for i in range(16, 32)])
 
 
-def test_uint8_images_become_float32_unscaled(breast_train):
-  source, _ = breast_train
+def test_uint8_images_become_float32_unscaled(binary_train):
+  source, _ = binary_train
   batch = next(iter(make(source, batch_size=4)))
   np.testing.assert_array_equal(batch['image'][0], source[0]['image'].astype(np.float32))
 
@@ -69,10 +69,10 @@ def test_shuffle_is_seeded_and_reshuffles_each_epoch():
   assert epoch1 != epoch2 and epoch1 != list(range(40))
 
 
-def test_augmentation_is_deterministic_per_seed(breast_train):
-  source, _ = breast_train
+def test_augmentation_is_deterministic_per_seed(binary_train):
+  source, _ = binary_train
   images = lambda seed, shuffle: np.concatenate([b['image'] for b in make(
-      source, pp='random_crop(24, pad=2)|flip_lr|rot90', batch_size=32, seed=seed,
+      source, pp='random_crop(24, pad=2)|flip_lr|rot90', batch_size=8, seed=seed,
       shuffle=shuffle, num_epochs=1)][:3])
   np.testing.assert_array_equal(images(5, True), images(5, True))
   same_order = images(5, False)
@@ -132,12 +132,12 @@ def test_processes_share_the_global_batch(monkeypatch, shuffle, pad):
   assert step0 == sorted(whole[:8])  # Step 0 of both processes = global batch 0.
 
 
-def test_state_restore_continues_with_the_next_batch(breast_train):
-  source, _ = breast_train
-  kwargs = dict(pp='random_crop(24, pad=2)|flip_lr', batch_size=32, seed=7, shuffle=True,
+def test_state_restore_continues_with_the_next_batch(binary_train):
+  source, _ = binary_train
+  kwargs = dict(pp='random_crop(24, pad=2)|flip_lr', batch_size=8, seed=7, shuffle=True,
                 num_epochs=None)
   uninterrupted = iter(make(source, **kwargs))
-  for _ in range(20):  # Past the end of the first epoch (17 batches).
+  for _ in range(7):  # Past the end of the first epoch (5 batches).
     next(uninterrupted)
   state = uninterrupted.get_state()
   expected = [next(uninterrupted) for _ in range(3)]
@@ -149,11 +149,11 @@ def test_state_restore_continues_with_the_next_batch(breast_train):
     np.testing.assert_array_equal(got['label'], want['label'])
 
 
-def test_state_of_another_loader_is_refused(breast_train):
-  source, _ = breast_train
-  it = iter(make(source, batch_size=32, seed=1, shuffle=True, num_epochs=None))
+def test_state_of_another_loader_is_refused(binary_train):
+  source, _ = binary_train
+  it = iter(make(source, batch_size=8, seed=1, shuffle=True, num_epochs=None))
   next(it)
-  other = iter(make(source, batch_size=32, seed=2, shuffle=True, num_epochs=None))
+  other = iter(make(source, batch_size=8, seed=2, shuffle=True, num_epochs=None))
   with pytest.raises(ValueError, match='sampler'):
     other.set_state(it.get_state())
 
@@ -165,16 +165,16 @@ def test_workers_need_parsed_flags(monkeypatch):
     make(indexed_source(8), worker_count=1)
 
 
-def test_worker_process_gives_the_same_batches(breast_train):
+def test_worker_process_gives_the_same_batches(binary_train):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # As absl.app.run does in an entry point.
-  source, _ = breast_train
-  kwargs = dict(pp='random_crop(24, pad=2)|flip_lr|rot90', batch_size=64, seed=3, shuffle=True,
+  source, _ = binary_train
+  kwargs = dict(pp='random_crop(24, pad=2)|flip_lr|rot90', batch_size=8, seed=3, shuffle=True,
                 num_epochs=1)
   in_process = [(b['image'].copy(), b['label'].copy()) for b in make(source, **kwargs)]
   in_worker = [(b['image'].copy(), b['label'].copy())
                for b in make(source, worker_count=1, **kwargs)]
-  assert len(in_worker) == len(in_process) == 546 // 64
+  assert len(in_worker) == len(in_process) == 40 // 8
   for (a_image, a_label), (b_image, b_label) in zip(in_process, in_worker):
     np.testing.assert_array_equal(a_image, b_image)
     np.testing.assert_array_equal(a_label, b_label)

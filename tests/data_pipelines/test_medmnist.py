@@ -95,6 +95,8 @@ def test_bad_flag_or_size(flag, size, message):
     medmnist.filename(flag, size)
 
 
+@pytest.mark.real_data('checks the official md5 and layout (keys, dtypes, split sizes) of the '
+                       'shared files')
 @pytest.mark.parametrize('name', SHARED_FILES)
 def test_official_shared_files_pass_md5_and_layout(shared_data_dir, name):
   flag, _, size = name[:-4].partition('_')
@@ -104,6 +106,8 @@ def test_official_shared_files_pass_md5_and_layout(shared_data_dir, name):
   medmnist.check_layout(path, flag, size)
 
 
+@pytest.mark.real_data('builds the official BreastMNIST file and checks its metadata, sizes and '
+                       'examples against the file')
 def test_builder_accepts_official_breastmnist(shared_data_dir, tfds_dir):
   builder = build('breastmnist', shared_data_dir, tfds_dir)
   splits = builder.info.splits
@@ -122,6 +126,8 @@ def test_builder_accepts_official_breastmnist(shared_data_dir, tfds_dir):
     assert source[i]['label'] == labels[i, 0]
 
 
+@pytest.mark.real_data('builds the official AdrenalMNIST3D file and checks its test size and '
+                       'volumes against the file')
 def test_builder_3d_volumes(shared_data_dir, tfds_dir):
   builder = build('adrenalmnist3d', shared_data_dir, tfds_dir)
   source = builder.as_data_source('test')
@@ -131,68 +137,123 @@ def test_builder_3d_volumes(shared_data_dir, tfds_dir):
     np.testing.assert_array_equal(source[5]['image'][..., 0], d['test_images'][5])
 
 
-def test_derived_file_is_rejected_and_nothing_is_written(shared_data_dir, tmp_path):
+def as_official(synthetic, data_dir: pathlib.Path) -> pathlib.Path:
+  """Copies a synthetic set to the official path of the flag it mimics; returns that path."""
+  dest = data_dir / 'medmnist' / medmnist.filename(synthetic.like, 28)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  shutil.copy(synthetic.path, dest)
+  return dest
+
+
+def accept_in_tables(monkeypatch, synthetic) -> None:
+  """Puts a synthetic set's md5 and split sizes into the official tables of its flag."""
+  monkeypatch.setitem(medmnist.MD5, medmnist.filename(synthetic.like, 28),
+                      npz.md5sum(synthetic.path))
+  monkeypatch.setitem(medmnist.INFO, synthetic.like,
+                      {**medmnist.INFO[synthetic.like], 'n_samples': synthetic.split_sizes})
+
+
+@pytest.mark.parametrize('name', ['binary', 'ordinal_rgb', 'multilabel', 'volume'])
+def test_builder_reads_every_kind_of_file_in_its_order(synthetic_medmnist, tmp_path, monkeypatch,
+                                                       name):
+  synthetic = synthetic_medmnist[name]
+  as_official(synthetic, tmp_path / 'data')
+  accept_in_tables(monkeypatch, synthetic)
+  builder = build(synthetic.like, tmp_path / 'data', tmp_path / 'tfds')
+  assert {s: builder.info.splits[s].num_examples for s in npz.SPLITS} == synthetic.split_sizes
+  info = medmnist.INFO[synthetic.like]
+  assert builder.info.metadata['class_names'] == list(info['labels'])
+  assert builder.info.metadata['task'] == info['task']
+  arrays = synthetic.arrays()
+  for split in npz.SPLITS:
+    source = builder.as_data_source(split)
+    for i in (0, len(source) // 2, len(source) - 1):
+      image = source[i]['image']
+      assert image.shape == synthetic.image_shape and image.dtype == np.uint8
+      np.testing.assert_array_equal(image.reshape(arrays[f'{split}_images'][i].shape),
+                                    arrays[f'{split}_images'][i])
+      want = arrays[f'{split}_labels'][i]
+      if synthetic.task == 'multilabel':
+        np.testing.assert_array_equal(source[i]['label'], want)
+      else:
+        assert np.ndim(source[i]['label']) == 0 and source[i]['label'] == want[0]
+
+
+def test_other_file_is_rejected_and_nothing_is_written(synthetic_medmnist, tmp_path):
   data_dir = tmp_path / 'data'
-  (data_dir / 'medmnist').mkdir(parents=True)
-  fake = data_dir / 'medmnist' / 'pneumoniamnist.npz'
-  shutil.copy(shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_b.npz', fake)
+  fake = as_official(synthetic_medmnist['binary'], data_dir)
   tfds_dir = tmp_path / 'tfds'
   with pytest.raises(medmnist.NotOfficialFileError) as e:
-    build('pneumoniamnist', data_dir, tfds_dir)
+    build('breastmnist', data_dir, tfds_dir)
   message = str(e.value)
   assert str(fake) in message
-  assert medmnist.MD5['pneumoniamnist.npz'] in message  # expected
-  assert 'f5b994ec7c2fe8bc81ae15cbab7c3df8' in message  # got
+  assert medmnist.MD5['breastmnist.npz'] in message  # expected
+  assert npz.md5sum(fake) in message  # got
   assert 'not the official MedMNIST file' in message and "name='npz'" in message
   assert files_under(tfds_dir) == []
   assert files_under(data_dir) == [fake]
 
 
-def test_file_accepted_once_its_md5_is_in_the_table(shared_data_dir, tmp_path, monkeypatch):
+def test_file_accepted_once_its_md5_is_in_the_table(synthetic_medmnist, tmp_path, monkeypatch):
+  binary = synthetic_medmnist['binary']
   data_dir = tmp_path / 'data'
-  (data_dir / 'medmnist').mkdir(parents=True)
-  resaved = data_dir / 'medmnist' / 'breastmnist.npz'
-  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
-    np.savez_compressed(resaved, **{k: d[k] for k in d.files})  # Same arrays, other bytes.
+  as_official(binary, data_dir)
+  monkeypatch.setitem(medmnist.INFO, 'breastmnist',
+                      {**medmnist.INFO['breastmnist'], 'n_samples': binary.split_sizes})
   with pytest.raises(medmnist.NotOfficialFileError, match='md5'):
     build('breastmnist', data_dir, tmp_path / 'tfds')
-  monkeypatch.setitem(medmnist.MD5, 'breastmnist.npz', npz.md5sum(resaved))
+  monkeypatch.setitem(medmnist.MD5, 'breastmnist.npz', npz.md5sum(binary.path))
   builder = build('breastmnist', data_dir, tmp_path / 'tfds')
-  assert builder.info.splits['test'].num_examples == 156
+  assert builder.info.splits['test'].num_examples == 30
 
 
-def test_layout_is_checked_after_the_md5(shared_data_dir, tmp_path, monkeypatch):
+def test_layout_is_checked_after_the_md5(synthetic_medmnist, tmp_path, monkeypatch):
   data_dir = tmp_path / 'data'
-  (data_dir / 'medmnist').mkdir(parents=True)
-  fake = data_dir / 'medmnist' / 'pneumoniamnist.npz'
-  shutil.copy(shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_b.npz', fake)
-  monkeypatch.setitem(medmnist.MD5, 'pneumoniamnist.npz', npz.md5sum(fake))
-  with pytest.raises(medmnist.NotOfficialFileError, match=r'train_images is uint8\[3882, 28, 28\]'
-                     r', expected uint8\[4708, 28, 28\]'):
-    build('pneumoniamnist', data_dir, tmp_path / 'tfds')
+  fake = as_official(synthetic_medmnist['binary'], data_dir)
+  monkeypatch.setitem(medmnist.MD5, 'breastmnist.npz', npz.md5sum(fake))
+  with pytest.raises(medmnist.NotOfficialFileError, match=r'train_images is uint8\[40, 28, 28\]'
+                     r', expected uint8\[546, 28, 28\]'):
+    build('breastmnist', data_dir, tmp_path / 'tfds')
   assert files_under(tmp_path / 'tfds') == []
 
 
-def test_download_from_local_server(shared_data_dir, tmp_path, no_proxy):
+@pytest.mark.parametrize('labels, message', [
+    (np.full((40, 2), 1, np.uint8), r'train_labels is uint8\[40, 2\], expected uint8\[40, 1\]'),
+    (np.full((40, 1), 2, np.uint8), 'train_labels holds 2, expected values below 2'),
+])
+def test_layout_checks_labels(synthetic_medmnist, tmp_path, monkeypatch, labels, message):
+  binary = synthetic_medmnist['binary']
+  path = tmp_path / 'data' / 'medmnist' / 'breastmnist.npz'
+  path.parent.mkdir(parents=True)
+  np.savez_compressed(path, **{**binary.arrays(), 'train_labels': labels})
+  monkeypatch.setitem(medmnist.MD5, 'breastmnist.npz', npz.md5sum(path))
+  monkeypatch.setitem(medmnist.INFO, 'breastmnist',
+                      {**medmnist.INFO['breastmnist'], 'n_samples': binary.split_sizes})
+  with pytest.raises(medmnist.NotOfficialFileError, match=message):
+    build('breastmnist', tmp_path / 'data', tmp_path / 'tfds')
+  assert files_under(tmp_path / 'tfds') == []
+
+
+def test_download_from_local_server(synthetic_medmnist, tmp_path, monkeypatch, no_proxy):
+  binary = synthetic_medmnist['binary']
+  accept_in_tables(monkeypatch, binary)
+  served = as_official(binary, tmp_path / 'served').parent
   data_dir = tmp_path / 'data'
   data_dir.mkdir()
-  with http_server(shared_data_dir / 'medmnist') as url:
+  with http_server(served) as url:
     builder = build('breastmnist', data_dir, tmp_path / 'tfds', base_url=url)
   dest = data_dir / 'medmnist' / 'breastmnist.npz'
   assert files_under(data_dir) == [dest]  # No temporary file left.
-  assert npz.md5sum(dest) == medmnist.MD5['breastmnist.npz']
-  assert builder.info.splits['train'].num_examples == 546
+  assert npz.md5sum(dest) == medmnist.MD5['breastmnist.npz'] == npz.md5sum(binary.path)
+  assert builder.info.splits['train'].num_examples == 40
 
 
-def test_download_with_wrong_md5_leaves_nothing(shared_data_dir, tmp_path, no_proxy):
-  served = tmp_path / 'served'
-  served.mkdir()
-  shutil.copy(shared_data_dir / 'medmnist_derived' / 'pneumoniamnist_subset_a.npz',
-              served / 'pneumoniamnist.npz')
+def test_download_with_wrong_md5_leaves_nothing(synthetic_medmnist, tmp_path, no_proxy):
+  served = as_official(synthetic_medmnist['binary'], tmp_path / 'served').parent
   data_dir = tmp_path / 'data'
   data_dir.mkdir()
   with http_server(served) as url, pytest.raises(medmnist.NotOfficialFileError, match='md5'):
-    build('pneumoniamnist', data_dir, tmp_path / 'tfds', base_url=url)
+    build('breastmnist', data_dir, tmp_path / 'tfds', base_url=url)
   assert files_under(data_dir) == [] and files_under(tmp_path / 'tfds') == []
 
 

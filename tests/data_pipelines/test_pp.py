@@ -1,4 +1,4 @@
-"""Tests of every preprocessing op of data_pipelines.pp, on real images."""
+"""Tests of every preprocessing op of data_pipelines.pp, on MedMNIST-layout images."""
 import pickle
 
 import jax
@@ -9,12 +9,11 @@ from data_pipelines import pp
 
 
 @pytest.fixture(scope='module')
-def images(shared_data_dir):
-  """A real grey (28, 28, 1) and a real RGB (28, 28, 3) uint8 image."""
-  with np.load(shared_data_dir / 'medmnist' / 'breastmnist.npz', allow_pickle=False) as d:
-    grey = d['train_images'][0][..., None]
-  with np.load(shared_data_dir / 'medmnist' / 'retinamnist.npz', allow_pickle=False) as d:
-    rgb = d['train_images'][0]
+def images(synthetic_medmnist):
+  """A grey (28, 28, 1) and an RGB (28, 28, 3) uint8 image of the synthetic sets (no symmetry)."""
+  grey = synthetic_medmnist['binary'].arrays()['train_images'][0][..., None]
+  rgb = synthetic_medmnist['ordinal_rgb'].arrays()['train_images'][0]
+  assert grey.dtype == rgb.dtype == np.uint8
   return {'grey': grey, 'rgb': rgb}
 
 
