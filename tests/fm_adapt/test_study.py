@@ -31,9 +31,9 @@ EXPERIMENT = textwrap.dedent("""
     def sweep(add, arg=None):
       add(name="base")
       add(name="lora", model_init="run:base", model_load=dict(dont_load=["head/.*"]),
-          adapt=[dict(kind="lora", rank=2, targets=".*attn/(query|value)/kernel")])
+          adapt=[dict(name="lora", rank=2, targets=".*attn/(query|value)/kernel")])
       add(name="lora", seed=1, model_init="run:base", model_load=dict(dont_load=["head/.*"]),
-          adapt=[dict(kind="lora", rank=2, targets=".*attn/(query|value)/kernel")])
+          adapt=[dict(name="lora", rank=2, targets=".*attn/(query|value)/kernel")])
 """)
 
 
