@@ -64,13 +64,13 @@ STRATEGIES: dict[str, Strategy] = {
     'linear_probe': Strategy('linear probe', preset='linear_probe'),
     'bitfit': Strategy('BitFit', preset='bitfit'),
     'lora_qv': Strategy('LoRA r=8 (q,v)', adapt=(
-        dict(kind='lora', rank=8, alpha=16, targets='.*attn/(query|value)/kernel'),)),
+        dict(name='lora', rank=8, alpha=16, targets='.*attn/(query|value)/kernel'),)),
     'lora_all': Strategy('LoRA r=8 (all linear)', adapt=(
-        dict(kind='lora', rank=8, alpha=16, targets=LORA_ALL),)),
+        dict(name='lora', rank=8, alpha=16, targets=LORA_ALL),)),
     'vpt_deep': Strategy('VPT-deep 10 tokens', adapt=(
-        dict(kind='vpt', mode='deep', num_tokens=10),)),
+        dict(name='vpt', mode='deep', num_tokens=10),)),
     'adapter': Strategy('adapters (seq., dim 64)', adapt=(
-        dict(kind='adapter', mode='sequential', dim=64),)),
+        dict(name='adapter', mode='sequential', dim=64),)),
 }
 
 # Default batch per model. Memory would allow far larger batches (XLA temp ~15 MiB per image for

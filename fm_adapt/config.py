@@ -18,8 +18,8 @@ RUN_KEYS = {
     "model_name": "registry name of the model (fm_adapt.models.MODELS).",
     "model": "kwargs of the model, e.g. dict(variant='S/16').",
     "model_init": "None, or a pretrained checkpoint to start from (path relative to the weights dir).",
-    "model_load": "kwargs of the checkpoint import (format, dont_load).",
-    "adapt": "list of adaptation transforms, e.g. [dict(kind='lora', rank=8)].",
+    "model_load": "kwargs of the checkpoint import (name, dont_load).",
+    "adapt": "list of adaptation transforms, e.g. [dict(name='lora', rank=8, targets=...)].",
     "input": ("data, pp, eval_pp, batch_size, eval_batch_size, worker_count, last_batch "
               "('pad': whole epochs, the last batch padded and masked, as PyTorch's "
               "drop_last=False; 'carry': batches run on across epoch boundaries)."),

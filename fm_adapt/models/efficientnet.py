@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fm_adapt.models import batch_norm
 from fm_adapt.models import conv
 
 
@@ -100,9 +101,9 @@ class Stem(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
     x = _conv(self.features, 3, 2, self.dtype, 'conv', conv_impl=self.conv_impl)(x)
-    x = _batch_norm(train, self.dtype, 'bn')(x)
+    x = batch_norm.normalize(_batch_norm(train, self.dtype, 'bn'), x, mask)
     return nn.relu6(x)
 
 
@@ -119,18 +120,19 @@ class MBConv(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
     spec = self.spec
     inputs = x
     hidden = spec.features_in * spec.expand_ratio
+    norm = lambda name, y: batch_norm.normalize(_batch_norm(train, self.dtype, name), y, mask)
     if spec.expand_ratio != 1:
       x = _conv(hidden, 1, 1, self.dtype, 'expand_conv', conv_impl=self.conv_impl)(x)
-      x = nn.relu6(_batch_norm(train, self.dtype, 'expand_bn')(x))
+      x = nn.relu6(norm('expand_bn', x))
     x = _conv(hidden, spec.kernel, spec.stride, self.dtype, 'dw_conv',
               groups=hidden, conv_impl=self.conv_impl)(x)
-    x = nn.relu6(_batch_norm(train, self.dtype, 'dw_bn')(x))
+    x = nn.relu6(norm('dw_bn', x))
     x = _conv(spec.features_out, 1, 1, self.dtype, 'project_conv', conv_impl=self.conv_impl)(x)
-    x = _batch_norm(train, self.dtype, 'project_bn')(x)
+    x = norm('project_bn', x)
     if spec.stride == 1 and spec.features_in == spec.features_out:
       x = x + inputs
     return x
@@ -159,14 +161,16 @@ class Model(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, image: jax.Array, *, train: bool = False,
+               mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Classifies a batch of images.
 
     Args:
       image: [N, H, W, 3] float images, already normalized.
       train: BatchNorm uses batch statistics (mutable 'batch_stats') and dropout
         is active.
+      mask: optional bool [N], False for padding rows, which then take no part in the batch
+        statistics (see `fm_adapt.models.batch_norm`).
 
     Returns:
       (logits [N, num_classes], out) where out holds 'features' (the last feature
@@ -176,11 +180,11 @@ class Model(nn.Module):
     stem_features, blocks, head_features = decode_variant(self.variant)
     out = {}
     x = jnp.asarray(image, self.dtype)
-    x = Stem(stem_features, self.dtype, self.conv_impl, name='stem')(x, train=train)
+    x = Stem(stem_features, self.dtype, self.conv_impl, name='stem')(x, train=train, mask=mask)
     for i, spec in enumerate(blocks):
-      x = MBConv(spec, self.dtype, self.conv_impl, name=f'block_{i}')(x, train=train)
+      x = MBConv(spec, self.dtype, self.conv_impl, name=f'block_{i}')(x, train=train, mask=mask)
     x = _conv(head_features, 1, 1, self.dtype, 'head_conv', conv_impl=self.conv_impl)(x)
-    x = nn.relu6(_batch_norm(train, self.dtype, 'head_bn')(x))
+    x = nn.relu6(batch_norm.normalize(_batch_norm(train, self.dtype, 'head_bn'), x, mask))
     out['features'] = x
     x = out['pre_logits'] = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fm_adapt.models import batch_norm
 from fm_adapt.models import conv
 
 Array = jax.Array
@@ -64,18 +65,11 @@ def _norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Ba
                       dtype=dtype, scale_init=scale_init, name=name)
 
 
-def _normalize(bn: nn.BatchNorm, x: Array, mask: Array | None) -> Array:
-  """Applies `bn`; in training, rows where `mask` [B] is False stay out of its statistics."""
-  if mask is None or bn.use_running_average:
-    return bn(x)
-  return bn(x, mask=jnp.broadcast_to(mask.reshape(-1, *([1] * (x.ndim - 1))), x.shape))
-
-
 def _masked_norm(train: bool, dtype: Any, mask: Array | None, name: str,
                  zero_scale: bool = False):
   """`_norm` as a function of x that keeps the rows where `mask` is False out of the statistics."""
   bn = _norm(train, dtype, name, zero_scale)
-  return lambda x: _normalize(bn, x, mask)
+  return lambda x: batch_norm.normalize(bn, x, mask)
 
 
 class BasicBlock(nn.Module):
@@ -98,7 +92,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
-    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `_normalize`)."""
+    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `batch_norm`)."""
     norm = functools.partial(_masked_norm, train, self.dtype, mask)
     make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl,
                                   weight_init=self.weight_init)
@@ -128,7 +122,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
-    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `_normalize`)."""
+    """Applies the block to x [B, H, W, C]; `mask` [B] marks the real rows (see `batch_norm`)."""
     norm = functools.partial(_masked_norm, train, self.dtype, mask)
     make_conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl,
                                   weight_init=self.weight_init)
