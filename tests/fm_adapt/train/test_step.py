@@ -28,7 +28,10 @@ def _tiny_state(name="resnet", dtype=jnp.float32):
   model = MODELS[name](dtype)
   variables = jax.jit(state_lib.init_variables_fn(model, (8, 8, 1)))(jax.random.key(0))
   variables = jax.tree.map(lambda x: x.astype(dtype), variables)
-  tx = optax.adam(1e-2)
+  # SGD: the update is the gradient itself. (Adam divides by |g| and turns rounding noise in a
+  # gradient that is zero in exact arithmetic, e.g. of a bias followed by BatchNorm, into
+  # visible differences; equal gradients give equal Adam steps anyway.)
+  tx = optax.sgd(1e-2)
   params = variables["params"]
   state = {"params": params, "frozen": {}, "model_state": {"batch_stats": variables["batch_stats"]},
            "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -55,7 +58,7 @@ def _assert_trees_close(a, b, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_padded_masked_batch_equals_the_short_batch(name):
-  """Loss, gradients (hence params and Adam moments) and BatchNorm statistics all ignore padding."""
+  """Loss, gradients (hence the updated params) and BatchNorm statistics all ignore padding."""
   with jax.enable_x64(True):
     state, update = _tiny_state(name, jnp.float64)
     real, padded = _batches(np.float64)
@@ -64,7 +67,7 @@ def test_padded_masked_batch_equals_the_short_batch(name):
     padded_state, padded_m = update(jax.tree.map(jnp.copy, state), rng, padded)
     np.testing.assert_allclose(padded_m["loss"], short_m["loss"], rtol=1e-9)
     np.testing.assert_allclose(padded_m["l2_grads"], short_m["l2_grads"], rtol=1e-9)
-    _assert_trees_close(padded_state, short_state, rtol=1e-6, atol=1e-9)
+    _assert_trees_close(padded_state, short_state, rtol=1e-7, atol=1e-10)
 
 
 def test_unmasked_padding_would_change_the_step():
