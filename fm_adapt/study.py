@@ -33,7 +33,7 @@ from ml_collections import config_flags
 from fm_adapt.report import tables
 from fm_adapt.train import interrupt, loop, workdir as workdir_lib, writer as writer_lib
 
-METRICS = ("test/auc", "test/acc", "val/auc")
+METRICS = tables.STUDY_METRICS
 
 
 @dataclasses.dataclass

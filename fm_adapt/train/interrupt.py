@@ -73,6 +73,8 @@ def exit_with_resume_hint(error: KeyboardInterrupt, workdir: str) -> NoReturn:
     message = (f"Stopped at step {error.step}; its checkpoint is in {workdir}: run the same "
                "command to resume from it.")
     status = error.exit_status
+  elif hasattr(error, "exit_status"):  # e.g. data_pipelines.download.Interrupted: says its own.
+    message, status = str(error), error.exit_status
   else:
     message = (f"Interrupted. Checkpoints are in {workdir}; run the same command to resume "
                "from the last one.")

@@ -31,7 +31,8 @@ def maybe_initialize_distributed() -> None:
   `jax.distributed.initialize()` is called when JAX_COORDINATOR_ADDRESS is set (or a cluster
   environment such as SLURM / TPU pods that JAX detects is indicated by FM_ADAPT_MULTIHOST=1).
   """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("FM_ADAPT_MULTIHOST") == "1":
+  wanted = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("FM_ADAPT_MULTIHOST") == "1"
+  if wanted and not jax.distributed.is_initialized():
     try:
       jax.distributed.initialize()
     except Exception as e:  # Name the likely cause: a missing or unreachable process.

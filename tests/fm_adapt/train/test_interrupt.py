@@ -1,5 +1,6 @@
 """Signals during training become stop requests; a second Ctrl-C stops at once."""
 import os
+import pathlib
 import signal
 
 import pytest
@@ -38,3 +39,16 @@ def test_exit_with_resume_hint(monkeypatch, capsys):
   assert statuses == [143, 130]
   assert "Stopped at step 7; its checkpoint is in w: run the same command" in err
   assert "Interrupted. Checkpoints are in w; run the same command" in err
+
+
+def test_exit_with_resume_hint_of_a_stopped_download(monkeypatch, capsys):
+  """A SIGTERM during a download exits 143 with the download's own message, not a checkpoint hint."""
+  from data_pipelines import download
+  statuses = []
+  monkeypatch.setattr(interrupt.os, "_exit", statuses.append)
+  error = download.Interrupted("http://127.0.0.1/x.npz", pathlib.Path("d/x.npz"), signal.SIGTERM)
+  interrupt.exit_with_resume_hint(error, "w")
+  err = capsys.readouterr().err
+  assert statuses == [143]
+  assert "Download of http://127.0.0.1/x.npz to d/x.npz stopped by SIGTERM" in err
+  assert "Checkpoints" not in err

@@ -145,14 +145,17 @@ def test_same_loss_on_8_devices_as_on_1(devices, mesh, shared_data_dir):
   np.testing.assert_allclose(many, one, rtol=2e-5)
 
 
-def test_epochs_count_examples_not_whole_batches(shared_data_dir):
-  """2.5 epochs of 3,882 images at batch 128 are ceil(2.5 * 3882 / 128) = 76 steps, not 75."""
+@pytest.mark.parametrize("last_batch, total", [("pad", 78), ("carry", 76)])
+def test_epochs_count_examples_not_whole_batches(shared_data_dir, last_batch, total):
+  """3,882 images at batch 128 are 31 steps an epoch (the last padded): 2.5 epochs are
+  ceil(2.5 * 31) = 78 steps; carried across epochs, ceil(2.5 * 3882 / 128) = 76, not 75."""
   from experiments import quickstart
   from fm_adapt.train import setup
   config = quickstart.get_config("runlocal,data=subset_b")
   config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 128
+  config.input.last_batch = last_batch
   run = setup.setup_run(config, None)
-  assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, 76)
+  assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, total)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
