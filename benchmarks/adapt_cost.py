@@ -4,9 +4,9 @@
   python -m benchmarks.adapt_cost --quick --out workdirs/bench/adapt_cost_quick  # < 1 min smoke run
   python -m benchmarks.adapt_cost --models Ti/4@28 --batch 64 --steps 20 --out DIR
 
-Each strategy is built exactly as a training run builds it (`fm_adapt.train.setup.build_model`,
+Each strategy is built exactly as a training run builds it (`fm_adapt.train.model_fns.build_model`,
 `compose.schedule_for` / `compose.SCHEDULE_PRESETS`, `optim.trainable_mask`,
-`state.split_variables`, `optim.make_optimizer`, `step.make_update_fn`, `loop.jit_update`), and
+`state.split_variables`, `optim.make_optimizer`, `step.make_update_fn`, `step.jit_update`), and
 the library's own jitted update step is timed on a fixed random batch (data loading excluded).
 All strategies of a model are compiled first, then timed round-robin in rounds of --per-round
 steps (order reversed every other round), so a change in the load of a shared machine hits
@@ -37,7 +37,8 @@ import numpy as np
 
 from benchmarks import common
 from fm_adapt.adapt import compose
-from fm_adapt.train import loop, setup
+from fm_adapt.train import build
+from fm_adapt.train import step as step_lib
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import state as state_lib
 
@@ -115,7 +116,7 @@ def host_random_init(shapes: Any, mesh: Any) -> Any:
 
 def build_step(config: Any, image_shape: tuple[int, int, int], total_steps: int = 1000, *,
                host_init: bool = False) -> tuple[Any, dict[str, Any], Any]:
-  """Builds the library's jitted update step and its initial state, as `setup_run` does.
+  """Builds the library's jitted update step and its initial state, as `build_run` does.
 
   Args:
     config: the run config (`make_config`).
@@ -127,18 +128,18 @@ def build_step(config: Any, image_shape: tuple[int, int, int], total_steps: int 
   Returns:
     (jitted update_fn, train state, mesh).
   """
-  # The model / optimizer / state part of `fm_adapt.train.setup.setup_run`, which also builds a
+  # The model / optimizer / state part of `fm_adapt.train.build.build_run`, which also builds a
   # dataset, loader and evaluators that a benchmark does not need.
   mesh = mesh_lib.make_mesh(None)
   spec = types.SimpleNamespace(num_classes=NUM_CLASSES, task='multiclass')
   init_rng = jax.random.key(0)
-  fns = setup.build_train_fns(config, spec, image_shape, total_steps, init_rng)
+  fns = build.build_train_fns(config, spec, image_shape, total_steps, init_rng)
   if host_init:
     variables = host_random_init(fns.variables_shape, mesh)
   else:
     variables = state_lib.sharded_init(fns.model_fns.init_fn, init_rng, mesh)
-  state = setup.initial_state(fns, variables, mesh)
-  return loop.jit_update(fns.update_fn, state, mesh), state, mesh
+  state = state_lib.initial_state(fns, variables, mesh)
+  return step_lib.jit_update(fns.update_fn, state, mesh), state, mesh
 
 
 def tree_bytes(tree: Any) -> int:

@@ -20,9 +20,7 @@ RUN_KEYS = {
     "model_init": "None, or a pretrained checkpoint to start from (path relative to the weights dir).",
     "model_load": "kwargs of the checkpoint import (name, dont_load).",
     "adapt": "list of adaptation transforms, e.g. [dict(name='lora', rank=8, targets=...)].",
-    "input": ("data, pp, eval_pp, batch_size, eval_batch_size, worker_count, last_batch "
-              "('pad': whole epochs, the last batch padded and masked, as PyTorch's "
-              "drop_last=False; 'carry': batches run on across epoch boundaries)."),
+    "input": "data and batching, see INPUT_KEYS.",
     "evals": ("named evaluators, e.g. evals.val = dict(name='classification', split='val'); "
               "optional pp, batch_size, periodic (fm_adapt.evaluators.EVAL_KEYS)."),
     "frozen_statistics": "train with BatchNorm in inference mode (frozen CNN backbones).",
@@ -47,6 +45,19 @@ RUN_KEYS = {
     "dtype": "compute dtype: float32 | bfloat16.",
     "runlocal": "whether the experiment was shrunk to a smoke run (recorded, not used).",
     "description": "free text recorded with the results.",
+}
+
+
+# Keys of `config.input`.
+INPUT_KEYS = {
+    "data": "dataset config, e.g. dict(name='medmnist', flag='breastmnist', size=28).",
+    "pp": "training preprocessing string, e.g. 'resize(64)|value_range(-1,1)|flip_lr'.",
+    "eval_pp": "evaluation preprocessing (default: pp without its random ops).",
+    "batch_size": "global training batch size.",
+    "eval_batch_size": "global evaluation batch size (default: batch_size).",
+    "worker_count": "grain worker processes (0: in the main process).",
+    "last_batch": ("'pad': whole epochs, the last batch padded and masked (PyTorch's "
+                   "drop_last=False); 'carry': batches run on across epoch boundaries."),
 }
 
 
@@ -138,11 +149,9 @@ def validate(config: Mapping[str, Any]) -> None:
   if unknown:
     valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
     raise ValueError(f"Unknown config key(s) {unknown}. Valid keys:\n{valid}")
-  data_keys = {"data", "pp", "batch_size", "worker_count", "eval_pp", "eval_batch_size",
-               "last_batch"}
-  unknown_input = sorted(set(config.get("input", {}).keys()) - data_keys)
+  unknown_input = sorted(set(config.get("input", {}).keys()) - set(INPUT_KEYS))
   if unknown_input:
-    raise ValueError(f"Unknown config.input key(s) {unknown_input}; valid: {sorted(data_keys)}")
+    raise ValueError(f"Unknown config.input key(s) {unknown_input}; valid: {sorted(INPUT_KEYS)}")
   inputs = config.get("input") or {}
   _check_batch_size(inputs.get("batch_size"), "config.input.batch_size", required=True)
   _check_batch_size(inputs.get("eval_batch_size"), "config.input.eval_batch_size")

@@ -29,7 +29,9 @@ from fm_adapt.train import files
 from fm_adapt.train import finite
 from fm_adapt.train import interrupt
 from fm_adapt.train import mesh as mesh_lib
-from fm_adapt.train import setup as setup_lib
+from fm_adapt.train import build
+from fm_adapt.train import state as state_lib
+from fm_adapt.train import step as step_lib
 from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
 
@@ -40,16 +42,7 @@ REFUSALS = (workdir_lib.WorkdirError, finite.NonFiniteError, ckpt_lib.Checkpoint
             ckpt_lib.IncompatibleCheckpoint)
 
 
-def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
-  """What a checkpoint holds: everything but the frozen parameters.
-
-  Frozen parameters are rebuilt by `init_state` from the seed and the base checkpoint (whose
-  sha256 is stored beside), so an adapted run's checkpoint is not a second copy of its base.
-  """
-  return {k: v for k, v in state.items() if k != "frozen"}
-
-
-def _data_state(iterator: Any, run: setup_lib.Run) -> dict[str, Any]:
+def _data_state(iterator: Any, run: build.Run) -> dict[str, Any]:
   state = iterator.get_state()
   return {"iterator": state.decode() if isinstance(state, bytes) else json.dumps(state),
           "base_checkpoint": run.base_checkpoint}
@@ -99,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   first = start_processes()
   with workdir_lib.lock(workdir, owner=first):
     workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
-    run = setup_lib.setup_run(config, data_dir or config.get("data_dir"))
+    run = build.build_run(config, data_dir or config.get("data_dir"))
     best_metric = config.get("best_metric", "val/auc")
     _check_best_metric(best_metric, run)
     ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
@@ -109,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       iterator = iter(run.train_loader)
       state, start = _restore_or_init(run, ckpt, iterator)
       _write_param_counts(workdir, state)
-      update_fn = jit_update(run.update_fn, state, run.mesh)
+      update_fn = step_lib.jit_update(run.update_fn, state, run.mesh)
       writer = writer_lib.MetricWriter(workdir, resume_step=start)
       state = _train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir)
       results = _final_results(config, run, ckpt, workdir, state)
@@ -123,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return results
 
 
-def _check_best_metric(metric: str | None, run: setup_lib.Run) -> None:
+def _check_best_metric(metric: str | None, run: build.Run) -> None:
   """`best_metric` must name a periodic evaluator (when there are any), before training."""
   if metric and run.periodic_evals and metric.split("/")[0] not in run.periodic_evals:
     raise ValueError(
@@ -131,7 +124,7 @@ def _check_best_metric(metric: str | None, run: setup_lib.Run) -> None:
         f"{run.periodic_evals} (metrics such as '{run.periodic_evals[0]}/auc').")
 
 
-def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer, iterator: Any
+def _restore_or_init(run: build.Run, ckpt: ckpt_lib.RunCheckpointer, iterator: Any
                      ) -> tuple[dict[str, Any], int]:
   """The newest readable workdir checkpoint (its data state set on `iterator`), else a fresh state.
 
@@ -146,7 +139,7 @@ def _restore_or_init(run: setup_lib.Run, ckpt: ckpt_lib.RunCheckpointer, iterato
                       f"The checkpoint of step {step}")
     _set_iterator_state(iterator, data_state)
 
-  found = ckpt.restore_latest(ckpt_lib.abstract_of(_saved(state)), check)
+  found = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(state)), check)
   if found is None:
     return state, 0
   restored, _, step = found
@@ -173,15 +166,6 @@ def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None
     files.write_text(workdir / "param_counts.md", table + "\n")
     files.write_json(workdir / "param_counts.json",
                      [dict(module=m, trainable=t, frozen=f) for m, t, f in rows])
-
-
-def jit_update(update_fn, state: Mapping[str, Any], mesh: jax.sharding.Mesh):
-  """Jits the update with the state's shardings, a sharded batch, and the state donated."""
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  replicated = mesh_lib.replicated(mesh)
-  return jax.jit(update_fn, donate_argnums=(0,),
-                 in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated))
 
 
 def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int,
@@ -235,7 +219,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
     if stopping or log or evaluate or save:
       _check_finite(step, measurements, ckpt, workdir)
     if stopping:
-      ckpt.save(step, _saved(state), _data_state(iterator, run))
+      ckpt.save(step, state_lib.checkpointed(state), _data_state(iterator, run))
       ckpt.wait()
       raise interrupt.Stopped(step, stop.signum)
     if log:
@@ -243,7 +227,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
     if evaluate:
       _evaluate_periodic(step, state, run, ckpt, writer, bar)
     if save:
-      ckpt.save(step, _saved(state), _data_state(iterator, run))
+      ckpt.save(step, state_lib.checkpointed(state), _data_state(iterator, run))
   return state
 
 
@@ -286,8 +270,7 @@ def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any
   Raises:
     NonFiniteError: naming `what`, if any exported array is not finite (nothing is written).
   """
-  params = masks.merge(state["params"], state["frozen"])
-  variables = {"params": params, **state["model_state"]}
+  variables = {"params": state_lib.full_params(state), **state["model_state"]}
   if jax.process_count() > 1:
     variables = multihost_utils.process_allgather(variables, tiled=True)
   variables = jax.device_get(variables)

@@ -1,62 +1,22 @@
-"""Model functions and the sharded initialization of the train state."""
+"""The train state: its creation, the part a checkpoint holds, and the full parameters.
+
+`train_state` is a plain dict:
+  params       the trainable parameters (the only tree that is differentiated),
+  frozen       the frozen parameters (inputs only: XLA never forms their weight gradients),
+  model_state  mutable collections such as BatchNorm 'batch_stats' ({} for a ViT),
+  opt          the optimizer state of `params` only,
+  step         int32 scalar.
+"""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fm_adapt.adapt import masks
 from fm_adapt.train import mesh as mesh_lib
-
-
-def takes_mask(model: nn.Module) -> bool:
-  """Whether the model's `__call__` takes `mask` (rows of a batch to leave out of statistics)."""
-  return "mask" in inspect.signature(type(model).__call__).parameters
-
-
-def make_apply_fn(model: nn.Module, frozen_statistics: bool = False):
-  """Returns `apply(params, model_state, images, *, train, rng, mask=None) -> (logits, out, state)`.
-
-  Args:
-    model: the linen module.
-    frozen_statistics: train with the model in inference mode (BatchNorm running statistics,
-      no dropout) and leave `model_state` unchanged — the usual way to probe or adapt a frozen
-      CNN backbone, whose statistics would otherwise drift towards the few training batches.
-
-  In training, `mask` ([B] bool, False on padding rows) reaches models whose `__call__` takes
-  it (batch statistics that must ignore padding); others need no mask (nothing couples rows).
-  """
-  pass_mask = takes_mask(model)
-
-  def apply_fn(params, model_state, images, *, train: bool, rng: jax.Array | None,
-               mask: jax.Array | None = None):
-    train = train and not frozen_statistics
-    variables = {"params": params, **model_state}
-    rngs = {"dropout": rng} if (train and rng is not None) else {}
-    kwargs = {"mask": mask} if (train and pass_mask and mask is not None) else {}
-    if train and model_state:
-      (logits, out), new_state = model.apply(variables, images, train=True, rngs=rngs,
-                                             mutable=list(model_state), **kwargs)
-      return logits, out, dict(new_state)
-    logits, out = model.apply(variables, images, train=train, rngs=rngs, **kwargs)
-    return logits, out, model_state
-
-  return apply_fn
-
-
-def init_variables_fn(model: nn.Module, image_shape: tuple[int, ...]):
-  """Returns `init(rng) -> {'params': ..., <collections>...}` for one example of `image_shape`."""
-
-  def init(rng: jax.Array) -> dict[str, Any]:
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = model.init({"params": rng, "dropout": rng}, images, train=False)
-    return {k: v for k, v in variables.items()}
-
-  return init
 
 
 def split_variables(variables: Mapping[str, Any], trainable: Mapping[str, Any]
@@ -73,3 +33,38 @@ def sharded_init(init_fn, rng: jax.Array, mesh: jax.sharding.Mesh,
   shapes = jax.eval_shape(init_fn, rng)
   shardings = mesh_lib.param_shardings(shapes, mesh, rules)
   return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+
+def initial_state(fns: Any, variables: dict[str, Any], mesh: jax.sharding.Mesh,
+                  rules: Any = None) -> dict[str, Any]:
+  """The train state of freshly initialized (sharded) variables.
+
+  Pretrained weights are loaded, the variables split into trainable / frozen / model state, and
+  the optimizer state is sharded like the parameters.
+  """
+  if fns.model_fns.load is not None:
+    shardings = jax.tree.map(lambda x: x.sharding, variables)
+    variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
+  params, frozen, model_state = split_variables(variables, fns.trainable)
+  del rules  # The parameters carry their shardings; the moments take them.
+  opt_shardings = mesh_lib.optimizer_shardings(
+      fns.tx, jax.eval_shape(fns.tx.init, params), jax.tree.map(lambda x: x.sharding, params),
+      mesh)
+  opt = jax.jit(fns.tx.init, out_shardings=opt_shardings)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
+  return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
+          "step": step}
+
+
+def checkpointed(state: Mapping[str, Any]) -> dict[str, Any]:
+  """What a checkpoint holds: everything but the frozen parameters.
+
+  Frozen parameters are rebuilt from the seed and the base checkpoint (whose sha256 is stored
+  beside), so an adapted run's checkpoint is not a second copy of its base.
+  """
+  return {k: v for k, v in state.items() if k != "frozen"}
+
+
+def full_params(state: Mapping[str, Any]) -> dict[str, Any]:
+  """The model's whole parameter tree: the trainable and the frozen parameters merged."""
+  return masks.merge(state["params"], state["frozen"])

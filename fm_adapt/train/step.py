@@ -1,11 +1,7 @@
-"""The pure training step: `update_fn(train_state, rng, batch) -> (train_state, measurements)`.
+"""The pure training step `update_fn(train_state, rng, batch) -> (train_state, measurements)`,
+its jitting over the mesh, and the prediction function of the evaluators.
 
-`train_state` is a plain dict:
-  params       the trainable parameters (the only tree that is differentiated),
-  frozen       the frozen parameters (inputs only: XLA never forms their weight gradients),
-  model_state  mutable collections such as BatchNorm 'batch_stats' ({} for a ViT),
-  opt          the optimizer state of `params` only,
-  step         int32 scalar.
+`train_state` is the plain dict of `fm_adapt.train.state`.
 """
 from __future__ import annotations
 
@@ -16,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fm_adapt.adapt import masks
+from fm_adapt.train import mesh as mesh_lib
+from fm_adapt.train import state as state_lib
 
 # apply_fn(params, model_state, images, *, train, rng, mask=None) -> (logits, out, new_model_state)
 ApplyFn = Callable[..., tuple[jax.Array, dict[str, Any], dict[str, Any]]]
@@ -39,7 +36,7 @@ def make_update_fn(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransfo
     step_rng = jax.random.fold_in(rng, step)
 
     def loss_of(params):
-      full = masks.merge(params, state["frozen"])
+      full = state_lib.full_params(dict(state, params=params))
       logits, _, new_model_state = apply_fn(full, state["model_state"], batch["image"],
                                             train=True, rng=step_rng, mask=batch["mask"])
       return loss_fn(logits, batch["label"], batch["mask"]), new_model_state
@@ -63,9 +60,19 @@ def make_predict_fn(apply_fn: ApplyFn, task: str) -> Callable[..., jax.Array]:
   """Returns `predict(state, images) -> probabilities` (softmax, or sigmoid for multi-label)."""
 
   def predict(state: Mapping[str, Any], images: jax.Array) -> jax.Array:
-    full = masks.merge(state["params"], state["frozen"])
+    full = state_lib.full_params(state)
     logits, _, _ = apply_fn(full, state["model_state"], images, train=False, rng=None)
     logits = logits.astype(jnp.float32)
     return jax.nn.sigmoid(logits) if task == "multilabel" else jax.nn.softmax(logits, axis=-1)
 
   return predict
+
+
+def jit_update(update_fn: Callable[..., Any], state: Mapping[str, Any],
+               mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """Jits the update with the state's shardings, a sharded batch, and the state donated."""
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(update_fn, donate_argnums=(0,),
+                 in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated))

@@ -50,3 +50,20 @@ def test_validate_needs_a_batch_size():
   config.input.update(dict(data=dict(name="npz", path="x.npz"), pp=""))
   with pytest.raises(ValueError, match="config.input.batch_size=None: set it to a positive int"):
     config_lib.validate(config)
+
+
+def test_key_docs_match_base_config():
+  """Every key of base_config is documented in RUN_KEYS / INPUT_KEYS, and every documented key
+  exists in base_config (so `--config.<key>=...` works for each)."""
+  config = config_lib.base_config()
+  assert set(config.keys()) == set(config_lib.RUN_KEYS)
+  documented_input = set(config_lib.INPUT_KEYS)
+  assert set(config.input.keys()) <= documented_input
+
+
+def test_input_keys_are_validated_against_their_docs():
+  config = config_lib.base_config()
+  config.input.batch_size = 8
+  config.input.shuffle_buffer = 10
+  with pytest.raises(ValueError, match=r"Unknown config.input key\(s\) \['shuffle_buffer'\]"):
+    config_lib.validate(config)

@@ -6,7 +6,7 @@ import pytest
 
 from fm_adapt.adapt import adapters, masks
 from fm_adapt.models import efficientnet, vit
-from fm_adapt.train import state as state_lib
+from fm_adapt.train import model_fns
 
 IMAGE = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
 
@@ -41,7 +41,7 @@ def _vit() -> vit.Model:
 
 
 def _logits(model, cfg, model_name, variables, image, jit=True):
-  fn = adapters.wrap_apply_fn(state_lib.make_apply_fn(model), cfg, model_name)
+  fn = adapters.wrap_apply_fn(model_fns.make_apply_fn(model), cfg, model_name)
   run = lambda v: fn(v['params'], {k: x for k, x in v.items() if k != 'params'}, image,
                      train=False, rng=None)[0]
   return (jax.jit(run) if jit else run)(variables)
@@ -199,7 +199,7 @@ def test_efficientnet_zero_adapters_equal_base_exactly(monkeypatch):
 
 def test_missing_adapter_params_or_site_calls_fail_clearly():
   cfg = dict(mode='sequential', dim=4)
-  fn = adapters.wrap_apply_fn(state_lib.make_apply_fn(_vit()), cfg, 'vit')
+  fn = adapters.wrap_apply_fn(model_fns.make_apply_fn(_vit()), cfg, 'vit')
   base = _random_variables(_vit(), IMAGE.shape, cfg, 'vit')['params']
   with pytest.raises(ValueError, match='found no adapter parameters'):
     fn(_strip_adapters(base), {}, IMAGE, train=False, rng=None)

@@ -8,7 +8,7 @@ import pytest
 
 from fm_adapt import models
 from fm_adapt.adapt import compose, lora, masks
-from fm_adapt.train import optim, state as state_lib, step as step_lib
+from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
 QV = '.*attn/(query|value)/kernel'
 LORA_VPT = [dict(name='lora', rank=2, alpha=4, targets=QV),
@@ -135,7 +135,7 @@ def test_lora_vpt_training_leaves_frozen_params_bitwise_unchanged():
     assert any(p.endswith('/' + path) for p in state_paths), path
   loss_fn = lambda logits, labels, mask: optax.softmax_cross_entropy_with_integer_labels(
       logits, labels).mean()
-  apply_fn = adaptation.wrap_apply(state_lib.make_apply_fn(model))
+  apply_fn = adaptation.wrap_apply(model_fns.make_apply_fn(model))
   update = jax.jit(step_lib.make_update_fn(apply_fn, loss_fn, tx, schedules[0]))
   state = dict(params=trainable, frozen=frozen, model_state=model_state, opt=opt,
                step=jnp.zeros((), jnp.int32))

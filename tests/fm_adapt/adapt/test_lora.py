@@ -9,7 +9,7 @@ import pytest
 
 from fm_adapt.adapt import lora, masks
 from fm_adapt.models import efficientnet, vit
-from fm_adapt.train import optim, state as state_lib, step as step_lib
+from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
 QV = '.*attn/(query|value)/kernel'
 IMAGE = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
@@ -38,7 +38,7 @@ def _mu_vit():
 
 def _logits_fn(model, scale):
   """jitted (params with an optional 'lora' subtree, model_state) -> logits."""
-  apply = lora.wrap_apply_fn(state_lib.make_apply_fn(model), scale=scale)
+  apply = lora.wrap_apply_fn(model_fns.make_apply_fn(model), scale=scale)
   return jax.jit(lambda p, s, x: apply(p, s, x, train=False, rng=None)[0])
 
 
@@ -95,7 +95,7 @@ def test_zero_init_equals_base_exactly_and_merge_matches():
   base = logits(params, {}, IMAGE)
   # Exactly equal, also op by op (under jit, extra ops could re-fuse base ops to within 1 ulp).
   np.testing.assert_array_equal(logits(dict(params, lora=tree), {}, IMAGE), base)
-  eager = lora.wrap_apply_fn(state_lib.make_apply_fn(model), scale=2.0)
+  eager = lora.wrap_apply_fn(model_fns.make_apply_fn(model), scale=2.0)
   np.testing.assert_array_equal(eager(dict(params, lora=tree), {}, IMAGE, train=False, rng=None)[0],
                                 model.apply({'params': params}, IMAGE)[0])
   trained = _randomize_b(tree)
@@ -128,7 +128,7 @@ def test_dora_init_merge_and_grads():
   unmerged = logits(dict(params, lora=trained), {}, IMAGE)
   merged = logits(lora.merge(params, trained, scale=1.0), {}, IMAGE)
   np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=1e-5)
-  apply = lora.wrap_apply_fn(state_lib.make_apply_fn(model), scale=1.0)
+  apply = lora.wrap_apply_fn(model_fns.make_apply_fn(model), scale=1.0)
   grads = jax.jit(jax.grad(lambda t: apply(dict(params, lora=t), {}, IMAGE, train=False,
                                            rng=None)[0].sum()))(trained)
   assert all(np.any(g) for g in jax.tree.leaves(grads))
@@ -151,7 +151,7 @@ def test_dora_gradients_treat_the_column_norm_as_a_constant():
                    'm': rng.uniform(0.5, 2.0, size=5)}}
   params, tree = jax.tree.map(lambda a: np.asarray(a, np.float32), (params, tree))
   s = 0.5
-  apply = lora.wrap_apply_fn(state_lib.make_apply_fn(_DenseNet()), scale=s)
+  apply = lora.wrap_apply_fn(model_fns.make_apply_fn(_DenseNet()), scale=s)
   loss = lambda t: jnp.sum(apply(dict(params, lora=t), {}, x.astype(np.float32), train=False,
                                  rng=None)[0] * g)
   grads = jax.grad(loss)(tree)['proj']
@@ -290,7 +290,7 @@ def test_lora_step_costs_fewer_flops_than_full_finetuning():
   model = vit.Model(num_classes=5, variant='mu/4')
   params = jax.eval_shape(model.init, _key(),
                           jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))['params']
-  apply = state_lib.make_apply_fn(model)
+  apply = model_fns.make_apply_fn(model)
   full = _update_flops(model, params, [('.*', {})], apply)
   with_lora = jax.eval_shape(
       lambda p: dict(p, lora=lora.init(p, masks.make_mask(p, QV), 4, _key())), params)

@@ -9,7 +9,7 @@ import pytest
 
 from fm_adapt.adapt import masks, prompts
 from fm_adapt.models import vit
-from fm_adapt.train import state as state_lib
+from fm_adapt.train import model_fns
 
 IMAGE = np.random.default_rng(1).normal(size=(2, 8, 12, 3)).astype(np.float32)  # 6 patches.
 NUM_PATCHES, WIDTH, DEPTH = 6, 32, 2
@@ -42,7 +42,7 @@ def _apply(model: vit.Model, prompt, params: dict, train: bool = False, rng=None
   """Jitted forward; one compile per model and prompt configuration for the whole module."""
   key = (repr(model), repr(prompt), train)
   if key not in _JITTED:
-    fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(model), prompt)
+    fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(model), prompt)
     _JITTED[key] = jax.jit(lambda p, r: fn(p, {}, IMAGE, train=train, rng=r)[:2])
   return _JITTED[key](params, rng)
 
@@ -54,7 +54,7 @@ def _without_prompt(params: dict) -> dict:
 def test_zero_tokens_adds_nothing_and_is_the_base_model():
   params = _random_params(_model())
   assert prompts.init(params, dict(kind='vpt_deep', num_tokens=0), _key()) == {}
-  apply_fn = state_lib.make_apply_fn(_model())
+  apply_fn = model_fns.make_apply_fn(_model())
   assert prompts.wrap_apply_fn(apply_fn, dict(kind='ept', num_tokens=0)) is apply_fn
 
 
@@ -72,7 +72,7 @@ def test_param_names_and_output_shapes(kind, name, shape, pool_type):
   params = dict(base, prompt=tree)
   assert [p for p, m in masks.flatten(masks.make_mask(params, 'prompt/.*')).items() if m] == [
       f'prompt/{name}']
-  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(model), prompt)
+  fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(model), prompt)
   logits, out, _ = jax.eval_shape(lambda p: fn(p, {}, IMAGE, train=False, rng=None), params)
   (_, base_out), _ = jax.eval_shape(model.init_with_output, _key(), IMAGE)
   assert logits.shape == (2, 3)
@@ -194,7 +194,7 @@ def test_prompt_dropout_in_training_only():
 def test_gradients_reach_every_prompt_row():
   prompt = dict(kind='vpt_deep', num_tokens=2)
   params = _random_params(_model(), prompt)
-  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), prompt)
+  fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(_model()), prompt)
   grads = jax.jit(jax.grad(lambda p: fn(p, {}, IMAGE, train=False, rng=None)[0].sum()))(params)
   assert all(np.abs(grads['prompt']['deep'][i]).max() > 0 for i in range(DEPTH))
 
@@ -220,7 +220,7 @@ def test_layout_errors():
   with pytest.raises(ValueError, match=r"ViT-layout model .*'embedding/kernel'"):
     prompts.init({'stem': {'conv': {'kernel': np.zeros((3, 3, 3, 8))}}},
                  dict(kind='vpt_deep', num_tokens=2), _key())
-  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), dict(kind='ept', num_tokens=2))
+  fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(_model()), dict(kind='ept', num_tokens=2))
   with pytest.raises(ValueError, match=r"needs a top-level 'prompt' subtree"):
     fn(_random_params(_model()), {}, IMAGE, train=False, rng=None)
 
@@ -228,6 +228,6 @@ def test_layout_errors():
 def test_ept_prompt_of_another_image_size_fails_clearly():
   prompt = dict(kind='ept', num_tokens=2)
   params = dict(_random_params(_model()), prompt={'ept': np.zeros((DEPTH, 13, 2), np.float32)})
-  fn = prompts.wrap_apply_fn(state_lib.make_apply_fn(_model()), prompt)
+  fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(_model()), prompt)
   with pytest.raises(ValueError, match=r'EPT prompt \(2, 13, 2\).*over 7 tokens'):
     fn(params, {}, IMAGE, train=False, rng=None)

@@ -87,7 +87,7 @@ def _fake_predict(num_classes: int):
 
 
 def _build(tmp_path: pathlib.Path, kind: str):
-  """The evaluators of a run on the archive of `kind`, built as `setup_run` builds them."""
+  """The evaluators of a run on the archive of `kind`, built as `build_run` builds them."""
   known = _write_npz(tmp_path / f"{kind}.npz", kind)
   task, names = TASKS[kind]
   config = config_lib.base_config()

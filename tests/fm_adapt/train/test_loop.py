@@ -114,13 +114,13 @@ def test_killed_run_resumes_to_same_parameters(tmp_path, shared_data_dir):
 _LOSSES_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from fm_adapt.train import loop, mesh, setup
+    from fm_adapt.train import build, loop, mesh, step
     from experiments import quickstart
     config = quickstart.get_config("runlocal,data=subset_b")
     config.mesh = MESH
-    run = setup.setup_run(config, None)
+    run = build.build_run(config, None)
     state = run.init_state()
-    update = loop.jit_update(run.update_fn, state, run.mesh)
+    update = step.jit_update(run.update_fn, state, run.mesh)
     it = iter(run.train_loader)
     losses = []
     for _ in range(3):
@@ -150,11 +150,11 @@ def test_epochs_count_examples_not_whole_batches(shared_data_dir, last_batch, to
   """3,882 images at batch 128 are 31 steps an epoch (the last padded): 2.5 epochs are
   ceil(2.5 * 31) = 78 steps; carried across epochs, ceil(2.5 * 3882 / 128) = 76, not 75."""
   from experiments import quickstart
-  from fm_adapt.train import setup
+  from fm_adapt.train import build
   config = quickstart.get_config("runlocal,data=subset_b")
   config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 128
   config.input.last_batch = last_batch
-  run = setup.setup_run(config, None)
+  run = build.build_run(config, None)
   assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, total)
 
 
@@ -197,9 +197,9 @@ def _finite_arrays(path: pathlib.Path) -> bool:
 def _diverge_from(monkeypatch, bad_step: int) -> None:
   """From `bad_step` on, the update returns NaN parameters (loss still finite at `bad_step`,
   as it is computed before the update), as a diverging run does."""
-  original = loop.setup_lib.setup_run
+  original = loop.build.build_run
 
-  def setup_run(*args, **kwargs):
+  def build_run(*args, **kwargs):
     run = original(*args, **kwargs)
     update = run.update_fn
 
@@ -212,7 +212,7 @@ def _diverge_from(monkeypatch, bad_step: int) -> None:
     run.update_fn = diverging
     return run
 
-  monkeypatch.setattr(loop.setup_lib, "setup_run", setup_run)
+  monkeypatch.setattr(loop.build, "build_run", build_run)
 
 
 def test_non_finite_state_is_never_saved_and_resume_starts_before_it(

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fm_adapt.adapt import masks
-from fm_adapt.train import optim, state as state_lib, step as step_lib
+from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
 
 class _Net(nn.Module):
@@ -64,7 +64,7 @@ def test_frozen_params_have_no_state_and_stay_bitwise_equal():
   assert any("head" in p for p in state_paths)
   loss_fn = lambda logits, labels, mask: optax.softmax_cross_entropy_with_integer_labels(
       logits, labels).mean()
-  update = jax.jit(step_lib.make_update_fn(state_lib.make_apply_fn(model), loss_fn, tx,
+  update = jax.jit(step_lib.make_update_fn(model_fns.make_apply_fn(model), loss_fn, tx,
                                            schedules[0]))
   state = dict(params=params, frozen=frozen, model_state=model_state, opt=opt,
                step=jnp.zeros((), jnp.int32))

@@ -11,7 +11,7 @@ import pytest
 
 from fm_adapt.models import efficientnet, resnet
 from fm_adapt.objectives import classification as objectives
-from fm_adapt.train import state as state_lib
+from fm_adapt.train import model_fns
 from fm_adapt.train import step as step_lib
 
 
@@ -26,7 +26,7 @@ MODELS = {
 
 def _tiny_state(name="resnet", dtype=jnp.float32):
   model = MODELS[name](dtype)
-  variables = jax.jit(state_lib.init_variables_fn(model, (8, 8, 1)))(jax.random.key(0))
+  variables = jax.jit(model_fns.init_variables_fn(model, (8, 8, 1)))(jax.random.key(0))
   variables = jax.tree.map(lambda x: x.astype(dtype), variables)
   # SGD: the update is the gradient itself. (Adam divides by |g| and turns rounding noise in a
   # gradient that is zero in exact arithmetic, e.g. of a bias followed by BatchNorm, into
@@ -35,7 +35,7 @@ def _tiny_state(name="resnet", dtype=jnp.float32):
   params = variables["params"]
   state = {"params": params, "frozen": {}, "model_state": {"batch_stats": variables["batch_stats"]},
            "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  update = step_lib.make_update_fn(state_lib.make_apply_fn(model),
+  update = step_lib.make_update_fn(model_fns.make_apply_fn(model),
                                    objectives.get_loss("softmax_xent", "multiclass"), tx,
                                    lambda step: 1e-2)
   return state, jax.jit(update)

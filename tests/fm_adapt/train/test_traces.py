@@ -2,7 +2,7 @@
 utils_test idea), across steps, a padded last batch, a checkpoint save, a resume onto the
 abstract state, and evaluations of trained, resumed and best-checkpoint states.
 
-A tiny real run (`setup.setup_run`) on a synthetic MedMNIST-layout archive written in tmp_path:
+A tiny real run (`build.build_run`) on a synthetic MedMNIST-layout archive written in tmp_path:
 20 training images at batch 8 are epochs of 3 steps, the third padded; 13 validation and 11 test
 images at batch 8 end in padded batches too.
 """
@@ -20,9 +20,10 @@ from fm_adapt import config as config_lib
 from fm_adapt import evaluators as evaluators_lib
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
-from fm_adapt.train import loop
 from fm_adapt.train import mesh as mesh_lib
-from fm_adapt.train import setup as setup_lib
+from fm_adapt.train import build
+from fm_adapt.train import state as state_lib
+from fm_adapt.train import step as step_lib
 
 SIZES = {"train": 20, "val": 13, "test": 11}
 MODELS = {
@@ -79,10 +80,6 @@ class TracedEvaluator(cls_eval.Evaluator):
     super().__init__(_traced_once(predict_fn, f"predict_{split}"), *args, split=split, **kwargs)
 
 
-def _saved(state):
-  return {k: v for k, v in state.items() if k != "frozen"}
-
-
 def _weights(state):
   return {"params": state["params"], "model_state": state["model_state"]}
 
@@ -113,10 +110,10 @@ def _evaluate(run, state) -> dict:
 def test_no_retrace_across_steps_resume_and_evaluations(tmp_path, monkeypatch, model):
   chex.clear_trace_counter()
   monkeypatch.setitem(evaluators_lib.EVALUATORS, "classification", TracedEvaluator)
-  run = setup_lib.setup_run(_config(tmp_path, model), str(tmp_path))
+  run = build.build_run(_config(tmp_path, model), str(tmp_path))
   assert run.steps_per_epoch == 3 and set(run.evaluators) == {"val", "test"}
   state = run.init_state()
-  update = loop.jit_update(_traced_once(run.update_fn, "update_fn"), state, run.mesh)
+  update = step_lib.jit_update(_traced_once(run.update_fn, "update_fn"), state, run.mesh)
 
   iterator = iter(run.train_loader)
   state, padded = _steps(update, state, run, iterator, 4)
@@ -125,14 +122,14 @@ def test_no_retrace_across_steps_resume_and_evaluations(tmp_path, monkeypatch, m
   assert first["val/num_examples"] == 13 and first["test/num_examples"] == 11
 
   ckpt = ckpt_lib.RunCheckpointer(tmp_path / "workdir", keep=2, best_metric="val/auc")
-  ckpt.save(4, _saved(state), _data_state(iterator))
+  ckpt.save(4, state_lib.checkpointed(state), _data_state(iterator))
   assert ckpt.save_best(4, _weights(state), first)
   ckpt.wait()
-  saved = jax.device_get(_saved(state))
+  saved = jax.device_get(state_lib.checkpointed(state))
 
   # Resume as the loop does: a fresh state's abstract tree, restored, the frozen part rebuilt.
   fresh = run.init_state()
-  restored, data_state, step = ckpt.restore_latest(ckpt_lib.abstract_of(_saved(fresh)))
+  restored, data_state, step = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(fresh)))
   assert step == 4
   chex.assert_trees_all_equal(jax.device_get(restored), saved)
   state = dict(restored, frozen=fresh["frozen"])

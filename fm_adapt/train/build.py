@@ -1,4 +1,7 @@
-"""Builds everything one run needs from its config: mesh, data, model, optimizer, evaluators."""
+"""Builds everything one run needs from its config: mesh, data, model, optimizer, evaluators.
+
+`build_run(config, data_dir)` returns a `Run`; nothing is trained or restored here.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,20 +10,18 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
-from fm_adapt import models
-from fm_adapt.adapt import compose, masks
+from fm_adapt.adapt import compose
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.evaluators import check_not_empty, make_evaluators
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
-from fm_adapt.train import pretrained
+from fm_adapt.train import model_fns as model_fns_lib
 from fm_adapt.train import optim, state as state_lib, step as step_lib, writer as writer_lib
 
 
@@ -44,54 +45,9 @@ class Run:
 
 
 @dataclasses.dataclass
-class ModelFns:
-  """A model's init / apply functions after adaptation, and its pretrained loading."""
-  init_fn: Callable[[jax.Array], dict[str, Any]]
-  apply_fn: Callable[..., Any]
-  adaptation: Any = None
-  load: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-  base: dict[str, str] | None = None
-  model: Any = None
-
-
-def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
-                ) -> ModelFns:
-  """The model of a config, adapted by `config.adapt`, loading `config.model_init`."""
-  model_kwargs = dict(config.get("model", {}))
-  adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
-  adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
-                if adapt_cfgs else None)
-  kwargs = adaptation.model_kwargs if adaptation else model_kwargs
-  model = models.get_model(config.model_name, num_classes=spec.num_classes, **kwargs)
-  apply_fn = state_lib.make_apply_fn(model, bool(config.get("frozen_statistics")))
-  model_init = state_lib.init_variables_fn(model, image_shape)
-  init_fn = model_init
-  if adaptation is not None:
-    apply_fn = adaptation.wrap_apply(apply_fn)
-
-    def init_fn(rng):
-      variables = model_init(rng)
-      extra_rng = jax.random.fold_in(rng, 1)
-      return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
-
-  if not config.get("model_init"):
-    return ModelFns(init_fn, apply_fn, adaptation, model=model)
-  path = pretrained.resolve_path(config.model_init)
-  base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
-  base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
-  base_paths = set(masks.flatten(jax.eval_shape(
-      state_lib.init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
-  extras = [p for p in masks.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
-            if p not in base_paths]
-  load_cfg = dict(config.get("model_load") or {})
-  load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)
-  return ModelFns(init_fn, apply_fn, adaptation, load, base, model)
-
-
-@dataclasses.dataclass
 class TrainFns:
   """The model, trainable mask, optimizer and (unjitted) update step of a config."""
-  model_fns: ModelFns
+  model_fns: model_fns_lib.ModelFns
   variables_shape: Any
   trainable: Any
   tx: Any
@@ -109,7 +65,7 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
     total_steps: total steps of the learning-rate schedules.
     init_rng: the key the variables are initialized with (only its shape is used here).
   """
-  model_fns = build_model(config, spec, image_shape)
+  model_fns = model_fns_lib.build_model(config, spec, image_shape)
   variables_shape = jax.eval_shape(model_fns.init_fn, init_rng)
   schedule = config.get("schedule")
   if model_fns.adaptation is not None:
@@ -120,27 +76,6 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
   loss_fn = objectives.get_loss(config.get("loss"), spec.task)
   update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
   return TrainFns(model_fns, variables_shape, trainable, tx, update)
-
-
-def initial_state(fns: TrainFns, variables: dict[str, Any], mesh: jax.sharding.Mesh,
-                  rules: Any = None) -> dict[str, Any]:
-  """The train state of freshly initialized (sharded) variables.
-
-  Pretrained weights are loaded, the variables split into trainable / frozen / model state, and
-  the optimizer state is sharded like the parameters.
-  """
-  if fns.model_fns.load is not None:
-    shardings = jax.tree.map(lambda x: x.sharding, variables)
-    variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
-  params, frozen, model_state = state_lib.split_variables(variables, fns.trainable)
-  del rules  # The parameters carry their shardings; the moments take them.
-  opt_shardings = mesh_lib.optimizer_shardings(
-      fns.tx, jax.eval_shape(fns.tx.init, params), jax.tree.map(lambda x: x.sharding, params),
-      mesh)
-  opt = jax.jit(fns.tx.init, out_shardings=opt_shardings)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
-  return {"params": params, "frozen": frozen, "model_state": model_state, "opt": opt,
-          "step": step}
 
 
 def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
@@ -189,14 +124,14 @@ def _check_padding_is_masked(config: ml_collections.ConfigDict, model: Any,
   padded = config.input.get("last_batch", "pad") == "pad"
   has_statistics = any(k != "params" for k in variables_shape)
   if padded and has_statistics and not config.get("frozen_statistics") and (
-      not state_lib.takes_mask(model)):
+      not model_fns_lib.takes_mask(model)):
     raise ValueError(
         f"Model {config.model_name!r} keeps batch statistics but takes no `mask`, so the padding "
         "of a last batch would enter them. Set config.input.last_batch='carry' (no padding), "
         "or config.frozen_statistics=True.")
 
 
-def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> Run:
+def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> Run:
   """Builds the `Run` of a config: nothing is trained or restored here."""
   mesh_lib.maybe_initialize_distributed()
   mesh = mesh_lib.make_mesh(config.get("mesh"))
@@ -218,7 +153,7 @@ def setup_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
 
   def init_state() -> dict[str, Any]:
     variables = state_lib.sharded_init(model_fns.init_fn, init_rng, mesh, rules)
-    return initial_state(fns, variables, mesh, rules)
+    return state_lib.initial_state(fns, variables, mesh, rules)
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)

@@ -1,0 +1,115 @@
+"""A model's functions: `apply` and `init` factories, and the adapted, pretrained model of a config.
+
+`make_apply_fn(model)` gives `apply(params, model_state, images, *, train, rng, mask=None) ->
+(logits, out, new_model_state)`, the one signature the update step, the evaluators and every
+adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)` gives
+`init(rng) -> variables`. `build_model(config, ...)` applies `config.adapt` and
+`config.model_init` around them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fm_adapt import models
+from fm_adapt.adapt import compose, masks
+from fm_adapt.train import pretrained
+
+
+def takes_mask(model: nn.Module) -> bool:
+  """Whether the model's `__call__` takes `mask` (rows of a batch to leave out of statistics)."""
+  return "mask" in inspect.signature(type(model).__call__).parameters
+
+
+def make_apply_fn(model: nn.Module, frozen_statistics: bool = False):
+  """Returns `apply(params, model_state, images, *, train, rng, mask=None) -> (logits, out, state)`.
+
+  Args:
+    model: the linen module.
+    frozen_statistics: train with the model in inference mode (BatchNorm running statistics,
+      no dropout) and leave `model_state` unchanged — the usual way to probe or adapt a frozen
+      CNN backbone, whose statistics would otherwise drift towards the few training batches.
+
+  In training, `mask` ([B] bool, False on padding rows) reaches models whose `__call__` takes
+  it (batch statistics that must ignore padding); others need no mask (nothing couples rows).
+  """
+  pass_mask = takes_mask(model)
+
+  def apply_fn(params, model_state, images, *, train: bool, rng: jax.Array | None,
+               mask: jax.Array | None = None):
+    train = train and not frozen_statistics
+    variables = {"params": params, **model_state}
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    kwargs = {"mask": mask} if (train and pass_mask and mask is not None) else {}
+    if train and model_state:
+      (logits, out), new_state = model.apply(variables, images, train=True, rngs=rngs,
+                                             mutable=list(model_state), **kwargs)
+      return logits, out, dict(new_state)
+    logits, out = model.apply(variables, images, train=train, rngs=rngs, **kwargs)
+    return logits, out, model_state
+
+  return apply_fn
+
+
+def init_variables_fn(model: nn.Module, image_shape: tuple[int, ...]):
+  """Returns `init(rng) -> {'params': ..., <collections>...}` for one example of `image_shape`."""
+
+  def init(rng: jax.Array) -> dict[str, Any]:
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": rng, "dropout": rng}, images, train=False)
+    return {k: v for k, v in variables.items()}
+
+  return init
+
+
+
+@dataclasses.dataclass
+class ModelFns:
+  """A model's init / apply functions after adaptation, and its pretrained loading."""
+  init_fn: Callable[[jax.Array], dict[str, Any]]
+  apply_fn: Callable[..., Any]
+  adaptation: Any = None
+  load: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  base: dict[str, str] | None = None
+  model: Any = None
+
+
+def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
+                ) -> ModelFns:
+  """The model of a config, adapted by `config.adapt`, loading `config.model_init`."""
+  model_kwargs = dict(config.get("model", {}))
+  adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
+  adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
+                if adapt_cfgs else None)
+  kwargs = adaptation.model_kwargs if adaptation else model_kwargs
+  model = models.get_model(config.model_name, num_classes=spec.num_classes, **kwargs)
+  apply_fn = make_apply_fn(model, bool(config.get("frozen_statistics")))
+  model_init = init_variables_fn(model, image_shape)
+  init_fn = model_init
+  if adaptation is not None:
+    apply_fn = adaptation.wrap_apply(apply_fn)
+
+    def init_fn(rng):
+      variables = model_init(rng)
+      extra_rng = jax.random.fold_in(rng, 1)
+      return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
+
+  if not config.get("model_init"):
+    return ModelFns(init_fn, apply_fn, adaptation, model=model)
+  path = pretrained.resolve_path(config.model_init)
+  base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
+  base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
+  base_paths = set(masks.flatten(jax.eval_shape(
+      init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
+  extras = [p for p in masks.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
+            if p not in base_paths]
+  load_cfg = dict(config.get("model_load") or {})
+  load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)
+  return ModelFns(init_fn, apply_fn, adaptation, load, base, model)
