@@ -7,7 +7,7 @@ Experiment files export `get_config(arg=None)`; `arg` is the string after ':' in
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -140,6 +140,21 @@ def _check_batch_size(value: Any, key: str, required: bool = False) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(f"{key}={value!r}: set it to a positive int (examples per batch over all "
                      "devices, a multiple of the device count).")
+
+
+def check_known_keys(entry: Mapping[str, Any], valid: Sequence[str], where: str) -> dict[str, Any]:
+  """Returns a config entry as a dict; fails on keys outside `valid`, naming `where`.
+
+  Args:
+    entry: a config section or list entry (dict or ConfigDict).
+    valid: its valid keys.
+    where: how the user finds it, e.g. 'config.evals.val'.
+  """
+  entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
+  unknown = sorted(set(entry) - set(valid))
+  if unknown:
+    raise ValueError(f"Unknown keys {unknown} in {where}; valid keys: {list(valid)}")
+  return entry
 
 
 def validate(config: Mapping[str, Any]) -> None:

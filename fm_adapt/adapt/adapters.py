@@ -9,7 +9,7 @@ Like LoRA (`fm_adapt.adapt.lora`), adapters are a pure pytree transform attached
 parameters and adds them by intercepting module calls (`flax.linen.intercept_methods`). The
 model holds no adapter code:
 
-  params = masks.merge(base_params, adapters.init(base_params, cfg, 'vit', rng))
+  params = param_paths.merge(base_params, adapters.init(base_params, cfg, 'vit', rng))
   apply_fn = adapters.wrap_apply_fn(state.make_apply_fn(model), cfg, 'vit')
 
 Where adapters go is data, per model family (`PLACEMENTS`): a `Site` names, relative to each
@@ -46,7 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import masks
+from fm_adapt import config as config_lib
+from fm_adapt import param_paths
 from fm_adapt.models import activations
 
 ACTIVATIONS = {
@@ -137,9 +138,7 @@ def check_config(cfg: Mapping[str, Any], model_name: str) -> dict[str, Any]:
       or 'parallel' on a site that has no input to read.
   """
   placement, cfg = _placement(model_name), dict(cfg)
-  unknown = sorted(set(cfg) - set(KEYS))
-  if unknown:
-    raise ValueError(f'Unknown adapter key(s) {unknown}; valid keys: {list(KEYS)}.')
+  cfg = config_lib.check_known_keys(cfg, KEYS, 'an adapter config')
   mode = cfg.get('mode', 'sequential')
   if mode not in MODES:
     raise ValueError(f'Unknown adapter mode {mode!r}; valid: {list(MODES)}.')
@@ -177,7 +176,7 @@ def _instances(flat: Mapping[str, Any], site: Site, blocks: tuple[int, ...] | No
   if not found:
     raise ValueError(f'Adapter site {site_name!r} ({site.prefix}/{site.width}) matches no '
                      f'parameter; closest paths: '
-                     f'{masks.closest_paths(f"{site.prefix}/{site.width}", flat)}.')
+                     f'{param_paths.closest_paths(f"{site.prefix}/{site.width}", flat)}.')
   if blocks is None:
     return found
   bad = [b for b in blocks if not -len(found) <= b < len(found)]
@@ -198,14 +197,14 @@ def init(params: Mapping[str, Any], cfg: Mapping[str, Any], model_name: str, rng
 
   Returns:
     A tree holding only the adapters' leaves (e.g. encoder/block_0/adapter_attn/down/kernel),
-    to merge into params with `masks.merge`.
+    to merge into params with `param_paths.merge`.
 
   Raises:
     ValueError: for a bad config, a site that matches no parameter, blocks out of range, or
       params that already hold adapters.
   """
   cfg, placement = check_config(cfg, model_name), _placement(model_name)
-  flat = masks.flatten(params)
+  flat = param_paths.flatten(params)
   targets = {}
   for site_name in cfg['where']:
     site = placement.sites[site_name]
@@ -218,8 +217,8 @@ def init(params: Mapping[str, Any], cfg: Mapping[str, Any], model_name: str, rng
     raise ValueError(f'params already hold adapters {clash}.')
   keys = jax.random.split(rng, len(targets))
   out = {path: init_bottleneck(key, *targets[path]) for key, path in zip(keys, sorted(targets))}
-  return masks.unflatten({f'{path}/{leaf}': value for path, tree in out.items()
-                          for leaf, value in masks.flatten(tree).items()})
+  return param_paths.unflatten({f'{path}/{leaf}': value for path, tree in out.items()
+                          for leaf, value in param_paths.flatten(tree).items()})
 
 
 def _split(params: Mapping[str, Any], cfg: Mapping[str, Any], placement: Placement
@@ -228,13 +227,13 @@ def _split(params: Mapping[str, Any], cfg: Mapping[str, Any], placement: Placeme
   rest, found = {}, {}
   patterns = {w: re.compile(f'({placement.sites[w].prefix})/{placement.sites[w].name}/(.+)')
               for w in cfg['where']}
-  for path, leaf in masks.flatten(params).items():
+  for path, leaf in param_paths.flatten(params).items():
     hit = next(((w, m) for w, rx in patterns.items() if (m := rx.fullmatch(path))), None)
     if hit is None:
       rest[path] = leaf
     else:
       found.setdefault((hit[0], hit[1].group(1)), {})[hit[1].group(2)] = leaf
-  return masks.unflatten(rest), {k: masks.unflatten(v) for k, v in found.items()}
+  return param_paths.unflatten(rest), {k: param_paths.unflatten(v) for k, v in found.items()}
 
 
 def _join(prefix: str, name: str) -> str:

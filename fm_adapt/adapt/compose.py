@@ -39,7 +39,8 @@ from typing import Any
 
 import jax
 
-from fm_adapt.adapt import adapters, lora, masks, prompts
+from fm_adapt.adapt import adapters, lora, prompts
+from fm_adapt import param_paths
 
 Params = dict[str, Any]
 Rule = tuple[str, Any]
@@ -110,8 +111,8 @@ def _lora(cfg: dict[str, Any], model_name: str) -> Part:
   def init(params: Params, rng: jax.Array) -> Params:
     if lora.LORA_KEY in params:
       raise ValueError(f"params already hold a {lora.LORA_KEY!r} subtree.")
-    mask = masks.make_mask(params, targets, what='LoRA target')
-    selected = [p for p, m in masks.flatten(mask).items() if m]
+    mask = param_paths.make_mask(params, targets, what='LoRA target')
+    selected = [p for p, m in param_paths.flatten(mask).items() if m]
     logging.info('LoRA rank %d on %d kernels: %s', cfg['rank'], len(selected), selected)
     return {lora.LORA_KEY: lora.init(params, mask, cfg['rank'], rng,
                                      dora=cfg.get('dora', False))}
@@ -209,7 +210,7 @@ def _make_init_extra(parts: Sequence[Part]) -> Callable[[Params, jax.Array], Par
     with_init = [p for p in parts if p.init is not None]
     keys = jax.random.split(rng, max(len(with_init), 1))
     # Each transform sees the base parameters only (a LoRA target never selects an adapter).
-    return masks.merge(params, *(p.init(params, key) for p, key in zip(with_init, keys)))
+    return param_paths.merge(params, *(p.init(params, key) for p, key in zip(with_init, keys)))
   return init_extra
 
 
@@ -347,7 +348,7 @@ def count_params(params: Params, patterns: Sequence[str]) -> tuple[int, int]:
   """(trainable, total) parameter counts; trainable = leaves fully matching any pattern."""
   compiled = [re.compile(p) for p in patterns]
   trainable = total = 0
-  for path, leaf in masks.flatten(params).items():
+  for path, leaf in param_paths.flatten(params).items():
     size = int(getattr(leaf, 'size', 1))
     total += size
     trainable += size if any(rx.fullmatch(path) for rx in compiled) else 0

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 
 LORA_KEY = 'lora'
 FACTOR_KEYS = ('lora_a', 'lora_b')
@@ -76,7 +76,7 @@ def init(params: Tree, mask: Tree, rank: int, rng: jax.Array, *, dora: bool = Fa
 
   Args:
     params: the base parameter tree (arrays or ShapeDtypeStructs under `jax.eval_shape`).
-    mask: same-shaped bool tree (`masks.make_mask(params, '.*attn/(query|value)/kernel')`).
+    mask: same-shaped bool tree (`param_paths.make_mask(params, '.*attn/(query|value)/kernel')`).
     rank: the LoRA rank r.
     rng: PRNG key; split into one key per adapted kernel, in sorted path order.
     dora: also store the DoRA magnitude `m` [out], initialized to the column norms of W.
@@ -89,7 +89,7 @@ def init(params: Tree, mask: Tree, rank: int, rng: jax.Array, *, dora: bool = Fa
       1x1 conv kernel (the message names it).
   """
   _check_rank(rank)
-  flat, flat_mask = masks.flatten(params), masks.flatten(mask)
+  flat, flat_mask = param_paths.flatten(params), param_paths.flatten(mask)
   paths = sorted(path for path, selected in flat_mask.items() if selected)
   if not paths:
     raise ValueError('The LoRA mask selects no parameter.')
@@ -104,12 +104,12 @@ def init(params: Tree, mask: Tree, rank: int, rng: jax.Array, *, dora: bool = Fa
     if dora:
       kernel = jnp.asarray(flat[path], jnp.float32).reshape(d_in, d_out)
       out[f'{module}/{DORA_KEY}'] = jnp.linalg.norm(kernel, axis=0)
-  return masks.unflatten(out)
+  return param_paths.unflatten(out)
 
 
 def num_params(lora_tree: Tree) -> int:
   """Number of parameters in a LoRA tree (the trainable count it adds)."""
-  return sum(int(math.prod(leaf.shape)) for leaf in masks.flatten(lora_tree).values())
+  return sum(int(math.prod(leaf.shape)) for leaf in param_paths.flatten(lora_tree).values())
 
 
 def by_module(lora_tree: Tree) -> dict[tuple[str, ...], dict[str, Any]]:
@@ -119,7 +119,7 @@ def by_module(lora_tree: Tree) -> dict[tuple[str, ...], dict[str, Any]]:
     ValueError: if a module's leaves are not exactly lora_a, lora_b (and optionally m).
   """
   groups: dict[tuple[str, ...], dict[str, Any]] = {}
-  for path, leaf in masks.flatten(lora_tree).items():
+  for path, leaf in param_paths.flatten(lora_tree).items():
     *module, name = path.split('/')
     groups.setdefault(tuple(module), {})[name] = leaf
   for module, leaves in groups.items():
@@ -149,7 +149,7 @@ def merge(params: Tree, lora_tree: Tree, *, scale: float) -> dict[str, Any]:
   Returns:
     A parameter tree of the base model's structure with W <- W + s A B (DoRA: W').
   """
-  flat = masks.flatten({k: v for k, v in params.items() if k != LORA_KEY})
+  flat = param_paths.flatten({k: v for k, v in params.items() if k != LORA_KEY})
   for module, factors in by_module(lora_tree).items():
     path = '/'.join(module) + '/kernel'
     if path not in flat:
@@ -158,7 +158,7 @@ def merge(params: Tree, lora_tree: Tree, *, scale: float) -> dict[str, Any]:
     d_in, d_out = _matrix_shape(path, tuple(kernel.shape))
     merged = _delta(jnp.asarray(kernel, jnp.float32).reshape(d_in, d_out), factors, scale)
     flat[path] = merged.reshape(kernel.shape).astype(kernel.dtype)
-  return masks.unflatten(flat)
+  return param_paths.unflatten(flat)
 
 
 def _conv_input(module: nn.Conv, x: jax.Array) -> jax.Array:

@@ -60,7 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 
 PROMPT_KEY = 'prompt'
 KINDS = ('vpt_shallow', 'vpt_deep', 'ept')
@@ -123,10 +123,10 @@ def geometry(params: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ValueError: if the tree lacks the ViT layout (no patch embedding or no encoder blocks).
   """
-  flat = masks.flatten(params)
+  flat = param_paths.flatten(params)
   if EMBEDDING not in flat or len(flat[EMBEDDING].shape) != 4:
     raise ValueError(f'Prompts need a ViT-layout model with a patch embedding {EMBEDDING!r} '
-                     f'[p, p, C, D]; closest paths: {masks.closest_paths(EMBEDDING, flat)}.')
+                     f'[p, p, C, D]; closest paths: {param_paths.closest_paths(EMBEDDING, flat)}.')
   blocks = {int(m.group(1)) for p in flat if (m := BLOCK.match(p))}
   if not blocks or blocks != set(range(len(blocks))):
     raise ValueError(f'Prompts need encoder blocks encoder/block_0..block_{{L-1}}; found '

@@ -18,6 +18,7 @@ from absl import logging
 
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
+from fm_adapt import config as config_lib
 from fm_adapt.evaluators import classification
 from fm_adapt.evaluators import metrics as metrics_lib
 from fm_adapt.train import mesh as mesh_lib
@@ -32,9 +33,7 @@ def _checked_entry(key: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
   if "type" in cfg:
     raise ValueError(f"config.evals.{key} uses 'type', which is now 'name': write "
                      f"config.evals.{key} = dict(name={cfg['type']!r}, ...).")
-  unknown = sorted(set(cfg) - set(EVAL_KEYS))
-  if unknown:
-    raise ValueError(f"Unknown keys {unknown} in config.evals.{key}; valid: {list(EVAL_KEYS)}")
+  cfg = config_lib.check_known_keys(cfg, EVAL_KEYS, f"config.evals.{key}")
   name = cfg.setdefault("name", "classification")
   if name not in EVALUATORS:
     raise ValueError(f"Unknown evaluator name {name!r} in config.evals.{key}; valid: "

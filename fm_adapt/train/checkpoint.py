@@ -21,7 +21,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.train import writer as writer_lib
 
 
@@ -43,7 +43,7 @@ WEIGHT_KEYS = ("params", "model_state")
 def _weight_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   """'/'-joined path -> shape for the weight subtrees (plain nested dicts) of a state."""
   weights = {k: tree[k] for k in WEIGHT_KEYS if k in tree and tree[k] is not None}
-  return {k: tuple(v.shape) for k, v in masks.flatten(weights).items() if hasattr(v, "shape")}
+  return {k: tuple(v.shape) for k, v in param_paths.flatten(weights).items() if hasattr(v, "shape")}
 
 
 def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where: str) -> None:

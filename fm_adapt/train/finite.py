@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.train import workdir as workdir_lib
 
 
@@ -56,7 +56,7 @@ def check_measurements(step: int, measurements: Mapping[str, Any], workdir: path
 def non_finite_leaves(tree: Any) -> list[str]:
   """Paths ('a/b/c') of the floating-point leaves of a nested dict that hold NaN or inf."""
   bad = []
-  for path, leaf in masks.flatten(tree).items():
+  for path, leaf in param_paths.flatten(tree).items():
     if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
       if not bool(jax.device_get(jnp.isfinite(leaf).all())):
         bad.append(path)

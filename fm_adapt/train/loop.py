@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from fm_adapt import config as config_lib
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.weights import native
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
@@ -157,7 +157,7 @@ def _check_same_base(saved: Mapping[str, str] | None, current: Mapping[str, str]
 
 
 def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None:
-  rows = masks.count_by_module(state["params"], state["frozen"])
+  rows = param_paths.count_by_module(state["params"], state["frozen"])
   lines = ["| module | trainable | frozen |", "|---|---:|---:|"]
   lines += [f"| {m} | {t:,} | {f:,} |" for m, t, f in rows]
   table = "\n".join(lines)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 
 MESH_AXES = ("data", "fsdp")
 
@@ -109,21 +109,21 @@ def param_shardings(shapes: Mapping[str, Any], mesh: Mesh,
     ValueError: for an unknown strategy, a parameter no rule matches, or a rule that matches
       no parameter (naming it and the closest paths).
   """
-  rules = [tuple(r) for r in (rules or DEFAULT_SHARDING_RULES)]
+  rules = param_paths.rule_pairs(rules or DEFAULT_SHARDING_RULES, "Sharding rule")
   for _, strategy in rules:
     if strategy not in SHARDING_STRATEGIES:
       raise ValueError(f"Unknown sharding strategy {strategy!r}; valid: {list(SHARDING_STRATEGIES)}")
-  assignment = masks.match_rules(shapes["params"], rules, what="sharding rule")
+  assignment = param_paths.match_rules(shapes["params"], rules, what="sharding rule")
   out = {}
   for collection, tree in shapes.items():
-    for path, leaf in masks.flatten(tree).items():
+    for path, leaf in param_paths.flatten(tree).items():
       if collection == "params":
         strategy = rules[assignment[path]][1]
       else:
         strategy = next((s for rx, s in rules if re.fullmatch(rx, path)), "replicate")
       out[f"{collection}/{path}"] = NamedSharding(mesh, _strategy_spec(strategy,
                                                                         tuple(leaf.shape), mesh))
-  return masks.unflatten(out)
+  return param_paths.unflatten(out)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, opt_shapes: Any,

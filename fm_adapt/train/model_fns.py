@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from fm_adapt import models
-from fm_adapt.adapt import compose, masks
+from fm_adapt.adapt import compose
+from fm_adapt import param_paths
 from fm_adapt.train import pretrained
 
 
@@ -106,9 +107,9 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
   path = pretrained.resolve_path(config.model_init)
   base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
   base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
-  base_paths = set(masks.flatten(jax.eval_shape(
+  base_paths = set(param_paths.flatten(jax.eval_shape(
       init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
-  extras = [p for p in masks.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
+  extras = [p for p in param_paths.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
             if p not in base_paths]
   load_cfg = dict(config.get("model_load") or {})
   load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)

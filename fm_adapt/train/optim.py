@@ -13,12 +13,13 @@ the peak), `lr_mult` (multiplier on `config.lr` for this group).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
 
-from fm_adapt.adapt import masks
+from fm_adapt import config as config_lib
+from fm_adapt import param_paths
 
 SCHEDULE_KEYS = ("decay_type", "warmup_steps", "warmup_percent", "boundaries", "scale",
                  "end_mult", "lr_mult")
@@ -26,10 +27,7 @@ DECAY_TYPES = ("constant", "cosine", "linear", "piecewise")
 
 
 def _checked(sched: Mapping[str, Any]) -> dict[str, Any]:
-  sched = dict(sched)
-  unknown = sorted(set(sched) - set(SCHEDULE_KEYS))
-  if unknown:
-    raise ValueError(f"Unknown schedule keys {unknown}; valid keys: {list(SCHEDULE_KEYS)}")
+  sched = config_lib.check_known_keys(sched, SCHEDULE_KEYS, "a schedule")
   decay = sched.get("decay_type", "constant")
   if decay not in DECAY_TYPES:
     raise ValueError(f"Unknown decay_type {decay!r}; valid: {list(DECAY_TYPES)}")
@@ -68,19 +66,17 @@ def normalize_rules(schedule: Any) -> list[tuple[str, dict[str, Any] | None]]:
   if isinstance(schedule, Mapping):
     return [(".*", dict(schedule))]
   rules = []
-  for rule in schedule:
-    if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise ValueError(f"Schedule rules are (regex, schedule_or_None) pairs, got {rule!r}")
-    sched = rule[1].to_dict() if hasattr(rule[1], "to_dict") else rule[1]
-    rules.append((rule[0], None if sched is None else dict(sched)))
+  for pattern, sched in param_paths.rule_pairs(schedule, "Schedule rule (regex, schedule_or_None)"):
+    sched = sched.to_dict() if hasattr(sched, "to_dict") else sched
+    rules.append((pattern, None if sched is None else dict(sched)))
   return rules
 
 
 def trainable_mask(params: Mapping[str, Any], schedule: Any) -> dict[str, Any]:
   """Bool tree: True for parameters whose schedule rule is not None."""
   rules = normalize_rules(schedule)
-  assignment = masks.match_rules(params, rules, what="schedule rule")
-  return masks.unflatten({p: rules[i][1] is not None for p, i in assignment.items()})
+  assignment = param_paths.match_rules(params, rules, what="schedule rule")
+  return param_paths.unflatten({p: rules[i][1] is not None for p, i in assignment.items()})
 
 
 # config.optax_name -> the direction-finding part of the optimizer, taking `config.optax` as
@@ -116,20 +112,20 @@ def make_optimizer(config: Any, trainable_params: Mapping[str, Any], total_steps
     (optimizer, {group index: schedule}) — schedules are returned for logging.
   """
   rules = normalize_rules(config.get("schedule") if schedule is None else schedule)
-  assignment = masks.match_rules(trainable_params, rules, what="schedule rule",
+  assignment = param_paths.match_rules(trainable_params, rules, what="schedule rule",
                                  require_used=False)
   if any(rules[i][1] is None for i in assignment.values()):
     raise ValueError("make_optimizer got frozen parameters; split them out first.")
   groups = sorted(set(assignment.values()))
   schedules = {g: make_schedule(rules[g][1], config.lr, total_steps) for g in groups}
-  labels = masks.unflatten(assignment)
+  labels = param_paths.unflatten(assignment)
   steps = []
   if config.get("grad_clip_norm"):
     steps.append(optax.clip_by_global_norm(config.grad_clip_norm))
   steps.append(_base_transform(config.get("optax_name", "adam"), config.get("optax", {}) or {}))
   if config.get("wd"):
     # Decoupled weight decay on kernels only (not biases, norms, embeddings of tokens).
-    decay_mask = masks.unflatten({p: p.endswith("kernel") for p in masks.flatten(trainable_params)})
+    decay_mask = param_paths.unflatten({p: p.endswith("kernel") for p in param_paths.flatten(trainable_params)})
     steps.append(optax.add_decayed_weights(config.wd, mask=decay_mask))
   steps.append(optax.multi_transform(
       {g: optax.scale_by_learning_rate(s) for g, s in schedules.items()}, labels))

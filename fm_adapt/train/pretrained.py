@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from fm_adapt import weights
-from fm_adapt.adapt import masks
+from fm_adapt import config as config_lib
+from fm_adapt import param_paths
 
 LOAD_KEYS = ("name", "dont_load")
 
@@ -68,13 +69,11 @@ def check_load_config(load_cfg: Mapping[str, Any], variables: Mapping[str, Any])
   if "kind" in load_cfg:
     raise ValueError(f"config.model_load says which importer with 'name' (the word is now 'name', "
                      f"not 'kind'): write model_load.name={load_cfg['kind']!r}.")
-  unknown = sorted(set(load_cfg) - set(LOAD_KEYS))
-  if unknown:
-    raise ValueError(f"Unknown config.model_load keys {unknown}; valid: {list(LOAD_KEYS)}")
+  load_cfg = config_lib.check_known_keys(load_cfg, LOAD_KEYS, "config.model_load")
   dont_load = load_cfg.get("dont_load", ())
   dont_load = [dont_load] if isinstance(dont_load, str) else list(dont_load)
-  paths = {p.split("/", 1)[1] for p in masks.flatten(variables)}  # Without the collection.
-  masks.check_patterns_match(dont_load, paths, what="config.model_load.dont_load regex")
+  paths = {p.split("/", 1)[1] for p in param_paths.flatten(variables)}  # Without the collection.
+  param_paths.check_patterns_match(dont_load, paths, what="config.model_load.dont_load regex")
   return dict(load_cfg, dont_load=dont_load)
 
 
@@ -86,7 +85,7 @@ def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[s
     ValueError: listing leaves missing from `loaded`, leaves of `loaded` the model lacks, and
       shape differences (path and both shapes).
   """
-  flat_init, flat_loaded = masks.flatten(init), masks.flatten(loaded)
+  flat_init, flat_loaded = param_paths.flatten(init), param_paths.flatten(loaded)
   kept = {p for p in flat_init if any(re.fullmatch(rx, p) for rx in keep)}
   missing = sorted(set(flat_init) - set(flat_loaded) - kept)
   unexpected = sorted(p for p in set(flat_loaded) - set(flat_init)
@@ -101,7 +100,7 @@ def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[s
         "config.model_load.dont_load=['head/.*'] for a new head, or the matching model variant.")
   out = {p: (flat_init[p] if p in kept else np.asarray(flat_loaded[p], flat_init[p].dtype))
          for p in flat_init}
-  return masks.unflatten(out)
+  return param_paths.unflatten(out)
 
 
 def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
@@ -117,7 +116,7 @@ def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
   load_cfg = check_load_config(load_cfg, variables)
   dont_load = load_cfg["dont_load"]
   extras = set(extra_paths)
-  base_params = masks.unflatten({p: v for p, v in masks.flatten(variables["params"]).items()
+  base_params = param_paths.unflatten({p: v for p, v in param_paths.flatten(variables["params"]).items()
                                  if p not in extras})
   loaded = _loaded_variables(path, load_cfg.get("name"), dont_load, base_params)
   # dont_load applies in every collection (params, batch_stats); extras are params only.

@@ -15,14 +15,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.train import mesh as mesh_lib
 
 
 def split_variables(variables: Mapping[str, Any], trainable: Mapping[str, Any]
                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   """Splits model variables into (trainable params, frozen params, model_state)."""
-  params, frozen = masks.split(variables["params"], trainable)
+  params, frozen = param_paths.split(variables["params"], trainable)
   model_state = {k: v for k, v in variables.items() if k != "params"}
   return params, frozen, model_state
 
@@ -67,4 +67,4 @@ def checkpointed(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def full_params(state: Mapping[str, Any]) -> dict[str, Any]:
   """The model's whole parameter tree: the trainable and the frozen parameters merged."""
-  return masks.merge(state["params"], state["frozen"])
+  return param_paths.merge(state["params"], state["frozen"])

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 
 PathLike = str | os.PathLike
 MARKER = "__fm_adapt_format__"  # A key every fm_adapt export holds (value: format version).
@@ -23,7 +23,7 @@ def save_native(path: PathLike, variables: Mapping[str, Any]) -> pathlib.Path:
   """Writes variables ({'params': ..., 'batch_stats': ...}) atomically to an `.npz`."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in masks.flatten(variables).items()}
+  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in param_paths.flatten(variables).items()}
   flat[MARKER] = np.asarray(1)
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, **flat)
@@ -43,4 +43,4 @@ def load_native(path: PathLike) -> dict[str, Any]:
       raise ValueError(f"{path} is not an fm_adapt export (no {MARKER!r} key); found keys such "
                        f"as {data.files[:5]}. Use another config.model_load.name.")
     flat = {k: data[k] for k in data.files if k != MARKER}
-  return masks.unflatten(flat)
+  return param_paths.unflatten(flat)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_formats
 
@@ -146,25 +146,18 @@ def _flatten_target(target_params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class _Patterns:
-  """dont_load regexes (full match) that remember whether they matched anything."""
+  """dont_load regexes (full match): `skip(path)`, and a check that each selects something."""
 
   def __init__(self, patterns: Sequence[str]):
     if isinstance(patterns, str):
       patterns = [patterns]
     self.patterns = {p: re.compile(p) for p in patterns}
-    self.used = set()
 
   def __call__(self, path: str) -> bool:
-    hits = [p for p, rx in self.patterns.items() if rx.fullmatch(path)]
-    self.used.update(hits)
-    return bool(hits)
+    return any(rx.fullmatch(path) for rx in self.patterns.values())
 
   def check_all_used(self, paths: Sequence[str]) -> None:
-    unused = [p for p in self.patterns if p not in self.used]
-    if unused:
-      closest = {p: masks.closest_paths(p, paths) for p in unused}
-      raise ValueError(f'dont_load pattern(s) {unused} match no parameter path; closest '
-                       f'paths: {closest}.')
+    param_paths.check_patterns_match(list(self.patterns), paths, what='dont_load pattern')
 
 
 def _merge(path: readers.PathLike, converted: vit_formats.Converted, has_target: bool,

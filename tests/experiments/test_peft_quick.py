@@ -8,7 +8,8 @@ import pytest
 
 from fm_adapt import config as config_lib
 from fm_adapt import models
-from fm_adapt.adapt import compose, masks
+from fm_adapt.adapt import compose
+from fm_adapt import param_paths
 from fm_adapt.train import optim
 
 FILE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "peft_quick.py"
@@ -69,5 +70,5 @@ def test_every_strategy_builds_on_its_backbone():
       adaptation = compose.apply_transforms(run["adapt"], name, kwargs)
       params = jax.eval_shape(adaptation.init_extra, params, jax.random.key(1))
       schedule = compose.schedule_for(adaptation, schedule)
-    trainable = [p for p, m in masks.flatten(optim.trainable_mask(params, schedule)).items() if m]
+    trainable = [p for p, m in param_paths.flatten(optim.trainable_mask(params, schedule)).items() if m]
     assert trainable, run["name"]

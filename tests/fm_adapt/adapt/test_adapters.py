@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fm_adapt.adapt import adapters, masks
+from fm_adapt.adapt import adapters
+from fm_adapt import param_paths
 from fm_adapt.models import efficientnet, vit
 from fm_adapt.train import model_fns
 
@@ -21,7 +22,7 @@ def _random_variables(model, shape, cfg, model_name, seed=0, zero_up=True) -> di
   rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct(shape, jnp.float32))
   extra = jax.eval_shape(lambda p: adapters.init(p, cfg, model_name, _key()), abstract['params'])
-  abstract = dict(abstract, params=masks.merge(abstract['params'], extra))
+  abstract = dict(abstract, params=param_paths.merge(abstract['params'], extra))
 
   def leaf(path, x):
     names = [str(getattr(p, 'key', p)) for p in path]
@@ -33,7 +34,7 @@ def _random_variables(model, shape, cfg, model_name, seed=0, zero_up=True) -> di
 
 
 def _strip_adapters(tree):
-  return masks.unflatten({k: v for k, v in masks.flatten(tree).items() if 'adapter' not in k})
+  return param_paths.unflatten({k: v for k, v in param_paths.flatten(tree).items() if 'adapter' not in k})
 
 
 def _vit() -> vit.Model:
@@ -63,17 +64,17 @@ def test_vit_param_names(where, names):
   base = jax.eval_shape(_vit().init, _key(), IMAGE)['params']
   extra = jax.eval_shape(
       lambda p: adapters.init(p, dict(mode='parallel', dim=4, where=where), 'vit', _key()), base)
-  params = masks.merge(base, extra)
-  flat = masks.flatten(params)
+  params = param_paths.merge(base, extra)
+  flat = param_paths.flatten(params)
   adapted = {p for p in flat if 'adapter' in p}
-  assert adapted == set(masks.flatten(extra)) == {
+  assert adapted == set(param_paths.flatten(extra)) == {
       f'encoder/block_{i}/{n}/{layer}/{leaf}' for i in range(2) for n in names
       for layer in ('down', 'up') for leaf in ('kernel', 'bias')}
   assert flat['encoder/block_1/' + sorted(names)[0] + '/down/kernel'].shape == (32, 4)
   assert flat['encoder/block_1/' + sorted(names)[0] + '/up/kernel'].shape == (4, 32)
-  selected = {p for p, m in masks.flatten(masks.make_mask(params, '.*adapter.*')).items() if m}
+  selected = {p for p, m in param_paths.flatten(param_paths.make_mask(params, '.*adapter.*')).items() if m}
   assert selected == adapted
-  assert set(masks.flatten(_strip_adapters(params))) == set(masks.flatten(base))
+  assert set(param_paths.flatten(_strip_adapters(params))) == set(param_paths.flatten(base))
 
 
 @pytest.mark.parametrize('mode', adapters.MODES)
@@ -164,7 +165,7 @@ def test_efficientnet_param_names_and_widths():
   init = lambda cfg: jax.eval_shape(lambda p: adapters.init(p, cfg, 'efficientnet', _key()),
                                     base)
   params = init(dict(dim=8, blocks=(0, -1)))
-  assert sorted(masks.flatten(params)) == [f'block_{i}/adapter/{layer}/{leaf}' for i in (0, 15)
+  assert sorted(param_paths.flatten(params)) == [f'block_{i}/adapter/{layer}/{leaf}' for i in (0, 15)
                                            for layer in ('down', 'up')
                                            for leaf in ('bias', 'kernel')]
   assert params['block_0']['adapter']['down']['kernel'].shape == (16, 8)
@@ -175,7 +176,7 @@ def test_efficientnet_param_names_and_widths():
   with pytest.raises(ValueError, match=r'\[16\] out of range for 16 blocks'):
     init(dict(dim=8, blocks=(16,)))
   with pytest.raises(ValueError, match=r"params already hold adapters \['block_0/adapter'\]"):
-    adapters.init(masks.merge(base, params), dict(dim=8, blocks=(0,)), 'efficientnet', _key())
+    adapters.init(param_paths.merge(base, params), dict(dim=8, blocks=(0,)), 'efficientnet', _key())
 
 
 def test_efficientnet_zero_adapters_equal_base_exactly(monkeypatch):
@@ -186,7 +187,7 @@ def test_efficientnet_zero_adapters_equal_base_exactly(monkeypatch):
   image = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
   model, cfg = efficientnet.Model(num_classes=4, variant='tiny'), dict(dim=4, blocks=(0, 2))
   variables = _random_variables(model, image.shape, cfg, 'efficientnet')
-  assert {p for p in masks.flatten(variables['params']) if 'adapter' in p} == {
+  assert {p for p in param_paths.flatten(variables['params']) if 'adapter' in p} == {
       f'block_{i}/adapter/{layer}/{leaf}' for i in (0, 2) for layer in ('down', 'up')
       for leaf in ('kernel', 'bias')}
   logits = _logits(model, cfg, 'efficientnet', variables, image)
@@ -205,4 +206,4 @@ def test_missing_adapter_params_or_site_calls_fail_clearly():
     fn(_strip_adapters(base), {}, IMAGE, train=False, rng=None)
   extra = {'encoder': {'block_7': {'adapter_attn': base['encoder']['block_0']['adapter_attn']}}}
   with pytest.raises(ValueError, match=r"\['encoder/block_7/adapter_attn'\] found no call"):
-    fn(masks.merge(base, extra), {}, IMAGE, train=False, rng=None)
+    fn(param_paths.merge(base, extra), {}, IMAGE, train=False, rng=None)

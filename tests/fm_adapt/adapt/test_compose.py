@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from fm_adapt import models
-from fm_adapt.adapt import compose, lora, masks
+from fm_adapt.adapt import compose, lora
+from fm_adapt import param_paths
 from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
 QV = '.*attn/(query|value)/kernel'
@@ -32,7 +33,7 @@ def _random_params(model, seed=0):
 
 
 def _trainable_paths(params, schedule):
-  return {p for p, m in masks.flatten(optim.trainable_mask(params, schedule)).items() if m}
+  return {p for p, m in param_paths.flatten(optim.trainable_mask(params, schedule)).items() if m}
 
 
 @pytest.mark.parametrize('cfgs, model_name, match', [
@@ -82,7 +83,7 @@ def test_adaptation_fields_and_schedule():
   assert kwargs == adaptation.model_kwargs == dict(variant='mu/4')  # No model fields added.
   model = models.get_model('vit', num_classes=3, **kwargs)
   params = jax.eval_shape(adaptation.init_extra, _abstract_params(model), _key())
-  extra = set(masks.flatten(params)) - set(masks.flatten(_abstract_params(model)))
+  extra = set(param_paths.flatten(params)) - set(param_paths.flatten(_abstract_params(model)))
   assert {p.split('/')[0] for p in extra} == {'lora', 'prompt', 'encoder'}
   assert {p for p in extra if p.startswith('encoder/')} == {
       f'encoder/block_{i}/adapter_mlp/{layer}/{leaf}' for i in range(2)
@@ -108,7 +109,7 @@ def test_schedule_for_user_rules_come_first():
   assert rules[:3] == [('head/.*', head), ('encoder/norm/.*', {}), ('prompt/.*', None)]
   assert rules[3][1] == dict(decay_type='cosine') and rules[-1] == ('.*', None)
   trainable = _trainable_paths(params, rules)
-  assert trainable == {p for p in masks.flatten(params)
+  assert trainable == {p for p in param_paths.flatten(params)
                        if p.startswith(('lora/', 'head/', 'encoder/norm/'))}
 
 
@@ -124,14 +125,14 @@ def test_lora_vpt_training_leaves_frozen_params_bitwise_unchanged():
   schedule = compose.schedule_for(adaptation, dict(decay_type='cosine'))
   trainable, frozen, model_state = state_lib.split_variables(
       {'params': params}, optim.trainable_mask(params, schedule))
-  assert {p.split('/')[0] for p in masks.flatten(trainable)} == {'lora', 'prompt', 'head'}
+  assert {p.split('/')[0] for p in param_paths.flatten(trainable)} == {'lora', 'prompt', 'head'}
   tx, schedules = optim.make_optimizer(_config(schedule), trainable, total_steps=10)
   opt = tx.init(trainable)
   state_paths = {'/'.join(str(getattr(k, 'key', k)) for k in path)
                  for path, _ in jax.tree_util.tree_flatten_with_path(opt)[0]}
-  frozen_paths = set(masks.flatten(frozen))
+  frozen_paths = set(param_paths.flatten(frozen))
   assert not any(p.endswith('/' + f) for p in state_paths for f in frozen_paths)
-  for path in masks.flatten(trainable):
+  for path in param_paths.flatten(trainable):
     assert any(p.endswith('/' + path) for p in state_paths), path
   loss_fn = lambda logits, labels, mask: optax.softmax_cross_entropy_with_integer_labels(
       logits, labels).mean()
@@ -149,10 +150,10 @@ def test_lora_vpt_training_leaves_frozen_params_bitwise_unchanged():
     losses.append(float(measurements['loss']))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), frozen_before,
                state['frozen'])
-  for path, before in masks.flatten(trainable_before).items():  # Every trainable leaf moved.
-    assert not np.array_equal(before, masks.flatten(state['params'])[path]), path
+  for path, before in param_paths.flatten(trainable_before).items():  # Every trainable leaf moved.
+    assert not np.array_equal(before, param_paths.flatten(state['params'])[path]), path
   assert losses[-1] < losses[0]
-  exported = adaptation.merge(masks.merge(state['params'], state['frozen']))
+  exported = adaptation.merge(param_paths.merge(state['params'], state['frozen']))
   assert 'lora' not in exported and 'prompt' in exported
   assert not np.array_equal(exported['encoder']['block_0']['attn']['query']['kernel'],
                             frozen_before['encoder']['block_0']['attn']['query']['kernel'])
@@ -174,7 +175,7 @@ def test_vit_b16_counts():
 
 def test_schedule_presets_select_the_documented_sets():
   params = _abstract_params(models.get_model('vit', num_classes=3, variant='mu/4'))
-  paths = set(masks.flatten(params))
+  paths = set(param_paths.flatten(params))
   sched = dict(decay_type='cosine')
   assert _trainable_paths(params, compose.preset('full', sched)) == paths
   assert _trainable_paths(params, compose.preset('linear_probe', sched)) == {

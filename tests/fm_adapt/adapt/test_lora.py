@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from fm_adapt.adapt import lora, masks
+from fm_adapt.adapt import lora
+from fm_adapt import param_paths
 from fm_adapt.models import efficientnet, vit
 from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
@@ -44,15 +45,15 @@ def _logits_fn(model, scale):
 
 def _randomize_b(tree, seed=2):
   rng = np.random.default_rng(seed)
-  return masks.unflatten({
+  return param_paths.unflatten({
       k: (0.2 * rng.normal(size=v.shape)).astype(np.float32) if k.endswith('lora_b') else v
-      for k, v in masks.flatten(tree).items()})
+      for k, v in param_paths.flatten(tree).items()})
 
 
 def test_init_shapes_one_key_per_leaf_and_zero_b():
   _, params = _mu_vit()
-  tree = lora.init(params, masks.make_mask(params, QV), 4, _key())
-  flat = masks.flatten(tree)
+  tree = lora.init(params, param_paths.make_mask(params, QV), 4, _key())
+  flat = param_paths.flatten(tree)
   assert set(flat) == {f'encoder/block_{i}/attn/{p}/{f}' for i in range(2)
                        for p in ('query', 'value') for f in ('lora_a', 'lora_b')}
   a_leaves = [np.asarray(v) for k, v in sorted(flat.items()) if k.endswith('lora_a')]
@@ -63,7 +64,7 @@ def test_init_shapes_one_key_per_leaf_and_zero_b():
   for k, v in flat.items():
     if k.endswith('lora_b'):
       assert v.shape == (4, 32) and not np.any(v)
-  again = lora.init(params, masks.make_mask(params, QV), 4, _key())
+  again = lora.init(params, param_paths.make_mask(params, QV), 4, _key())
   jax.tree.map(np.testing.assert_array_equal, tree, again)
   assert lora.num_params(tree) == 2 * 2 * (32 * 4 + 4 * 32)
 
@@ -75,13 +76,13 @@ def test_init_shapes_one_key_per_leaf_and_zero_b():
 def test_init_rejects_other_leaves(pattern, match):
   _, params = _mu_vit()
   with pytest.raises(ValueError, match=match):
-    lora.init(params, masks.make_mask(params, pattern), 4, _key())
+    lora.init(params, param_paths.make_mask(params, pattern), 4, _key())
 
 
 def test_init_and_scaling_errors():
   _, params = _mu_vit()
   with pytest.raises(ValueError, match='positive int'):
-    lora.init(params, masks.make_mask(params, QV), 0, _key())
+    lora.init(params, param_paths.make_mask(params, QV), 0, _key())
   with pytest.raises(ValueError, match='selects no parameter'):
     lora.init(params, jax.tree.map(lambda _: False, params), 4, _key())
   assert lora.scaling(8, 16) == 2.0 and lora.scaling(4) == 1.0
@@ -91,7 +92,7 @@ def test_init_and_scaling_errors():
 def test_zero_init_equals_base_exactly_and_merge_matches():
   model, params = _mu_vit()
   logits = _logits_fn(model, scale=2.0)
-  tree = lora.init(params, masks.make_mask(params, QV), 4, _key())
+  tree = lora.init(params, param_paths.make_mask(params, QV), 4, _key())
   base = logits(params, {}, IMAGE)
   # Exactly equal, also op by op (under jit, extra ops could re-fuse base ops to within 1 ulp).
   np.testing.assert_array_equal(logits(dict(params, lora=tree), {}, IMAGE), base)
@@ -108,7 +109,7 @@ def test_zero_init_equals_base_exactly_and_merge_matches():
 
 def test_remat_model_same_lora_output():
   model, params = _mu_vit()
-  tree = _randomize_b(lora.init(params, masks.make_mask(params, QV), 2, _key()))
+  tree = _randomize_b(lora.init(params, param_paths.make_mask(params, QV), 2, _key()))
   full = dict(params, lora=tree)
   np.testing.assert_allclose(_logits_fn(model.clone(remat=True), 1.0)(full, {}, IMAGE),
                              _logits_fn(model, 1.0)(full, {}, IMAGE), atol=1e-6)
@@ -117,7 +118,7 @@ def test_remat_model_same_lora_output():
 def test_dora_init_merge_and_grads():
   model, params = _mu_vit()
   logits = _logits_fn(model, scale=1.0)
-  tree = lora.init(params, masks.make_mask(params, QV), 4, _key(), dora=True)
+  tree = lora.init(params, param_paths.make_mask(params, QV), 4, _key(), dora=True)
   query = params['encoder']['block_0']['attn']['query']['kernel']
   np.testing.assert_allclose(tree['encoder']['block_0']['attn']['query']['m'],
                              np.linalg.norm(query, axis=0), rtol=1e-6)
@@ -181,7 +182,7 @@ def test_lora_and_dora_refuse_a_padded_1x1_conv(dora):
   model = _PaddedNet()
   image = np.random.default_rng(3).normal(size=(2, 5, 5, 4)).astype(np.float32)
   params = _random_variables(model, image.shape)['params']
-  tree = lora.init(params, masks.make_mask(params, 'proj/kernel'), 2, _key(), dora=dora)
+  tree = lora.init(params, param_paths.make_mask(params, 'proj/kernel'), 2, _key(), dora=dora)
   what = 'DoRA output' if dora else 'LoRA branch'
   with pytest.raises(ValueError, match=rf"{what} of 'proj' has shape \(2, 5, 5, 6\) but the "
                                        r'layer output has \(2, 7, 7, 6\)'):
@@ -219,7 +220,7 @@ def test_strided_1x1_conv_merge_matches():
   model = _StridedNet()
   image = np.random.default_rng(3).normal(size=(2, 7, 9, 4)).astype(np.float32)
   params = _random_variables(model, image.shape)['params']
-  tree = _randomize_b(lora.init(params, masks.make_mask(params, '.*kernel'), 2,
+  tree = _randomize_b(lora.init(params, param_paths.make_mask(params, '.*kernel'), 2,
                                 _key()))
   assert tree['proj']['lora_a'].shape == (4, 2) and tree['proj']['lora_b'].shape == (2, 6)
   logits = _logits_fn(model, scale=0.5)
@@ -234,7 +235,7 @@ def test_efficientnet_1x1_convs_and_head():
   params, state = variables['params'], {'batch_stats': variables['batch_stats']}
   # A few layers of each kind: every new kernel shape costs a sampler compile in init.
   targets = ['block_(3|15)/(expand|project)_conv/kernel', 'head_conv/kernel', 'head/kernel']
-  tree = lora.init(params, masks.make_mask(params, targets), 4, _key())
+  tree = lora.init(params, param_paths.make_mask(params, targets), 4, _key())
   assert tree['block_3']['expand_conv']['lora_a'].shape == (24, 4)
   assert tree['block_3']['expand_conv']['lora_b'].shape == (4, 144)
   assert tree['head']['lora_b'].shape == (4, 4)
@@ -248,12 +249,12 @@ def test_efficientnet_1x1_convs_and_head():
   # Logits reach |20| after 16 random blocks: 1e-4 absolute is ~5 float32 ulps of that scale.
   np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match=r"'block_1/dw_conv/kernel' has shape \(3, 3, 1, 96\)"):
-    lora.init(params, masks.make_mask(params, 'block_1/dw_conv/kernel'), 4, _key())
+    lora.init(params, param_paths.make_mask(params, 'block_1/dw_conv/kernel'), 4, _key())
 
 
 def test_unused_lora_entry_is_an_error():
   model, params = _mu_vit()
-  tree = lora.init(params, masks.make_mask(params, QV), 4, _key())
+  tree = lora.init(params, param_paths.make_mask(params, QV), 4, _key())
   tree['encoder']['block_9'] = tree['encoder']['block_0']
   with pytest.raises(ValueError, match="'encoder/block_9/attn/query'.*matched no"):
     _logits_fn(model, scale=1.0)(dict(params, lora=tree), {}, IMAGE)
@@ -263,7 +264,7 @@ def test_vit_b16_qv_rank4_count():
   model = vit.Model(num_classes=1000, variant='B/16')
   params = jax.eval_shape(model.init, _key(),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))['params']
-  tree = jax.eval_shape(lambda p: lora.init(p, masks.make_mask(p, QV), 4, _key()),
+  tree = jax.eval_shape(lambda p: lora.init(p, param_paths.make_mask(p, QV), 4, _key()),
                         params)
   assert lora.num_params(tree) == 147_456 == 12 * 2 * (768 * 4 + 4 * 768)
 
@@ -293,7 +294,7 @@ def test_lora_step_costs_fewer_flops_than_full_finetuning():
   apply = model_fns.make_apply_fn(model)
   full = _update_flops(model, params, [('.*', {})], apply)
   with_lora = jax.eval_shape(
-      lambda p: dict(p, lora=lora.init(p, masks.make_mask(p, QV), 4, _key())), params)
+      lambda p: dict(p, lora=lora.init(p, param_paths.make_mask(p, QV), 4, _key())), params)
   low = _update_flops(model, with_lora, [('lora/.*|head/.*', {}), ('.*', None)],
                       lora.wrap_apply_fn(apply, scale=1.0))
   # Measured on this CPU (mu/4, 16 px, batch 8): full 18.5 MFLOP, LoRA 12.9 MFLOP, ratio 0.70.

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fm_adapt.adapt import masks, prompts
+from fm_adapt.adapt import prompts
+from fm_adapt import param_paths
 from fm_adapt.models import vit
 from fm_adapt.train import model_fns
 
@@ -68,9 +69,9 @@ def test_param_names_and_output_shapes(kind, name, shape, pool_type):
     shape = (DEPTH, NUM_PATCHES, 5)  # No class token.
   base = jax.eval_shape(model.init, _key(), IMAGE)['params']
   tree = jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), base)
-  assert masks.flatten(tree) == {name: jax.ShapeDtypeStruct(shape, jnp.float32)}
+  assert param_paths.flatten(tree) == {name: jax.ShapeDtypeStruct(shape, jnp.float32)}
   params = dict(base, prompt=tree)
-  assert [p for p, m in masks.flatten(masks.make_mask(params, 'prompt/.*')).items() if m] == [
+  assert [p for p, m in param_paths.flatten(param_paths.make_mask(params, 'prompt/.*')).items() if m] == [
       f'prompt/{name}']
   fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(model), prompt)
   logits, out, _ = jax.eval_shape(lambda p: fn(p, {}, IMAGE, train=False, rng=None), params)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fm_adapt.adapt import masks
+from fm_adapt import param_paths
 from fm_adapt.train import model_fns, optim, state as state_lib, step as step_lib
 
 
@@ -77,4 +77,4 @@ def test_frozen_params_have_no_state_and_stay_bitwise_equal():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, state["frozen"])
   assert not np.array_equal(head_before, state["params"]["head"]["kernel"])
   assert int(state["step"]) == 3 and np.isfinite(float(measurements["loss"]))
-  assert set(masks.flatten(state["params"])) == {"head/kernel", "head/bias"}
+  assert set(param_paths.flatten(state["params"])) == {"head/kernel", "head/bias"}

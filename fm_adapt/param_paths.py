@@ -1,8 +1,11 @@
-"""Parameter masks from path regexes, and splitting a tree into trainable / frozen parts.
+"""Parameter paths: flattening, regex selectors and rules, masks, trainable / frozen splits.
 
 A parameter tree is a plain nested dict. Paths are '/'-joined keys, e.g.
 'encoder/block_3/mlp/fc1/kernel'. A regex matches a path when it matches the whole path
-(``re.fullmatch``), so ``'head/.*'`` selects the head and nothing else.
+(``re.fullmatch``), so ``'head/.*'`` selects the head and nothing else. Every selector a user
+writes must select something: `check_patterns_match` and `match_rules` fail naming the regex and
+the closest paths. Used alike by the adaptation transforms, the optimizer's schedule rules,
+sharding rules, checkpoint import (`dont_load`) and checkpoints.
 """
 from __future__ import annotations
 
@@ -60,6 +63,28 @@ def check_patterns_match(patterns: Sequence[str], paths: Iterable[str], *,
     if not any(rx.fullmatch(path) for path in paths):
       raise ValueError(f"{what} {pattern!r} matches no parameter (patterns match whole paths). "
                        f"Closest paths: {closest_paths(pattern, paths)}")
+
+
+def rule_pairs(rules: Any, what: str) -> list[tuple[str, Any]]:
+  """Checks that `rules` is a sequence of (regex, value) pairs and returns them as tuples.
+
+  Raises:
+    ValueError: naming `what` and the first entry that is not a (str, value) pair or whose regex
+      does not compile.
+  """
+  if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
+    raise ValueError(f"{what}s are a list of (regex, value) pairs, got {rules!r}")
+  pairs = []
+  for rule in rules:
+    if not (isinstance(rule, Sequence) and not isinstance(rule, str) and len(rule) == 2
+            and isinstance(rule[0], str)):
+      raise ValueError(f"{what}s are (regex, value) pairs, got {rule!r}")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f"{what} regex {rule[0]!r} does not compile: {e}") from e
+    pairs.append((rule[0], rule[1]))
+  return pairs
 
 
 def match_rules(tree: Tree, rules: Sequence[tuple[str, Any]], *, what: str = "rule",
