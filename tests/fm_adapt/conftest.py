@@ -1,7 +1,8 @@
-"""A tiny synthetic MedMNIST-layout dataset and run config for training tests (no shared data).
+"""The tiny training data and run configs of the fm_adapt tests (no shared data needed).
 
-28x28 grey images whose brightness follows the label: 64 train, 32 val, 32 test. The
-`one_class_val` variant has a validation split of one class (its AUC is undefined).
+The data is the `binary` set of the session fixture `synthetic_medmnist` (tests/conftest.py):
+28x28 grey images, class 1 with a bright square, 40 train, 20 val, 30 test. `one_class_val`
+is the same archive with a validation split of class 0 only (its AUC is undefined).
 
 Tests that use it share a persistent XLA compilation cache for the session (in-process, and via
 `tiny_env` for subprocesses): the tiny runs compile the same programs, and a cached compile
@@ -17,29 +18,27 @@ import numpy as np
 import pytest
 
 
-def _write_npz(path: pathlib.Path, one_class_val: bool) -> None:
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for split, n in (("train", 64), ("val", 32), ("test", 32)):
-    labels = np.arange(n)[:, None] % 2
-    if split == "val" and one_class_val:
-      labels = np.zeros((n, 1), np.int64)
-    noise = rng.integers(0, 160, size=(n, 28, 28))
-    arrays[f"{split}_images"] = (noise + 60 * labels[:, :, None]).astype(np.uint8)
-    arrays[f"{split}_labels"] = labels
+def _write_one_class_val(source: pathlib.Path, path: pathlib.Path) -> None:
+  """`source` with the validation examples of class 1 left out."""
+  with np.load(source, allow_pickle=False) as data:
+    arrays = {key: data[key] for key in data.files}
+  keep = arrays["val_labels"][:, 0] == 0
+  for key in ("val_images", "val_labels"):
+    arrays[key] = arrays[key][keep]
   np.savez(path, **arrays)
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> dict[str, str]:
-  """Paths of the synthetic archives and of their directory (the data dir; TFDS builds there)."""
+def tiny_data(tmp_path_factory, synthetic_medmnist) -> dict:
+  """The synthetic archives, their directory (the data dir; TFDS builds in `<root>/tfds`) and
+  the split sizes of 'tiny': {'tiny', 'one_class_val', 'root': str, 'sizes': {split: n}}."""
+  binary = synthetic_medmnist["binary"]
   root = tmp_path_factory.mktemp("tiny_data")
   for key, value in _cache_settings(root / "xla_cache").items():
     jax.config.update(key.lower(), value)
-  for name, one_class in (("tiny", False), ("one_class_val", True)):
-    _write_npz(root / f"{name}.npz", one_class)
-  return {"tiny": str(root / "tiny.npz"), "one_class_val": str(root / "one_class_val.npz"),
-          "root": str(root)}
+  _write_one_class_val(binary.path, root / "one_class_val.npz")
+  return {"tiny": str(binary.path), "one_class_val": str(root / "one_class_val.npz"),
+          "root": str(root), "sizes": dict(binary.split_sizes)}
 
 
 def _cache_settings(directory: pathlib.Path) -> dict[str, object]:
@@ -50,26 +49,34 @@ def _cache_settings(directory: pathlib.Path) -> dict[str, object]:
 
 @pytest.fixture()
 def tiny_env(tiny_data) -> dict[str, str]:
-  """The environment of a subprocess that trains a tiny run (CPU, the shared XLA cache)."""
+  """The environment of a subprocess that trains a tiny run (1 CPU device, the shared XLA
+  cache)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
   env.update({k: str(v) for k, v in
               _cache_settings(pathlib.Path(tiny_data["root"]) / "xla_cache").items()})
   return env
 
 
+def tiny_data_source(data_path: str, root: str) -> str:
+  """Python source of the lines that point `config` at `data_path`, data dir `root`."""
+  return textwrap.dedent(f"""
+      config.input.data = dict(name="npz", path={data_path!r}, tfds_dir={root + "/tfds"!r})
+      config.data_dir = {root!r}
+  """)
+
+
 def tiny_config_text(data_path: str, root: str) -> str:
   """Python source of `get_config(arg=None)`: a 4-step ViT-mu/7 run on `data_path`, data dir
   `root`."""
-  return textwrap.dedent(f"""
+  return textwrap.dedent("""
       from fm_adapt import config as config_lib
 
       def get_config(arg=None):
         config = config_lib.base_config()
         config.model = dict(variant="mu/7", pool_type="gap")
-        config.input.update(dict(
-            data=dict(name="npz", path={data_path!r}, tfds_dir={root + "/tfds"!r}),
-            pp="value_range(-1,1)", batch_size=16, eval_batch_size=32))
+        config.input.update(dict(pp="value_range(-1,1)", batch_size=16, eval_batch_size=32))
         config.evals.val = dict(name="classification", split="val")
         config.evals.test = dict(name="classification", split="test", periodic=False)
         config.total_steps = 4
@@ -77,9 +84,24 @@ def tiny_config_text(data_path: str, root: str) -> str:
         config.checkpoint_every = 2
         config.log_every = 1
         config.progress = False
-        config.data_dir = {root!r}
-        return config
-  """)
+  """) + textwrap.indent(tiny_data_source(data_path, root), "  ") + "  return config\n"
+
+
+def quickstart_config_text(data_path: str, root: str) -> str:
+  """Python source of `get_config(arg=None)`: experiments/quickstart.py:runlocal (a 4-step
+  ViT-mu/7 with flip_lr, AdamW, warm-up and cosine decay) on `data_path`, data dir `root`."""
+  return textwrap.dedent("""
+      from experiments import quickstart
+
+      def get_config(arg=None):
+        config = quickstart.get_config("runlocal")
+  """) + textwrap.indent(tiny_data_source(data_path, root), "  ") + "  return config\n"
+
+
+def _load_config(source: str) -> ml_collections.ConfigDict:
+  namespace = {}
+  exec(source, namespace)  # pylint: disable=exec-used
+  return namespace["get_config"]()
 
 
 @pytest.fixture()
@@ -87,9 +109,7 @@ def tiny_config(tiny_data):
   """Returns `make(data='tiny', **overrides) -> ConfigDict` of a 4-step run."""
 
   def make(data: str = "tiny", **overrides) -> ml_collections.ConfigDict:
-    namespace = {}
-    exec(tiny_config_text(tiny_data[data], tiny_data["root"]), namespace)  # pylint: disable=exec-used
-    config = namespace["get_config"]()
+    config = _load_config(tiny_config_text(tiny_data[data], tiny_data["root"]))
     for key, value in overrides.items():
       setattr(config, key, value)
     return config
@@ -98,14 +118,20 @@ def tiny_config(tiny_data):
 
 
 @pytest.fixture()
-def tiny_experiment(tiny_data, tmp_path):
-  """Returns `write(sweep_source='') -> path` of an experiment file of the tiny run."""
+def quickstart_config(tiny_data):
+  """Returns `make() -> ConfigDict`: experiments/quickstart.py:runlocal on the tiny data."""
+  return lambda: _load_config(quickstart_config_text(tiny_data["tiny"], tiny_data["root"]))
 
-  def write(sweep: str = "") -> pathlib.Path:
-    path = tmp_path / "tiny_experiment.py"
-    path.write_text(tiny_config_text(tiny_data["tiny"], tiny_data["root"]) +
-                    textwrap.dedent(sweep))
+
+@pytest.fixture()
+def tiny_experiment(tiny_data, tmp_path):
+  """Returns `write(sweep_source='', quickstart=False) -> path` of an experiment file of the
+  tiny run (or, with `quickstart`, of experiments/quickstart.py:runlocal on the tiny data)."""
+
+  def write(sweep: str = "", quickstart: bool = False) -> pathlib.Path:
+    path = tmp_path / ("tiny_quickstart.py" if quickstart else "tiny_experiment.py")
+    text = quickstart_config_text if quickstart else tiny_config_text
+    path.write_text(text(tiny_data["tiny"], tiny_data["root"]) + textwrap.dedent(sweep))
     return path
 
   return write
-

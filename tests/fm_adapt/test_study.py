@@ -1,11 +1,14 @@
-"""End-to-end study: a base run, an adapted run started from its export, skip and table;
-command-line overrides for every run, and each run's workdir lock."""
+"""End-to-end study on the synthetic data of tests/fm_adapt/conftest.py: a base run, an adapted
+run started from its export, skip and table; command-line overrides for every run, and each
+run's workdir lock."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
-import textwrap
 
+import flax.traverse_util
+import numpy as np
 import pytest
 
 from fm_adapt import study
@@ -14,33 +17,25 @@ from fm_adapt.weights import native
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-EXPERIMENT = textwrap.dedent("""
-    from fm_adapt import config as config_lib
-
-    def get_config(arg=None):
-      config = config_lib.base_config()
-      config.model = dict(variant="mu/7", pool_type="gap")
-      config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
-                               pp="value_range(-1,1)", batch_size=16, eval_batch_size=256))
-      config.evals.val = dict(name="classification", split="val")
-      config.evals.test = dict(name="classification", split="test", periodic=False)
-      config.total_steps = 2
-      config.progress = False
-      return config
-
+_BASE_AND_LORA = """
     def sweep(add, arg=None):
       add(name="base")
       add(name="lora", model_init="run:base", model_load=dict(dont_load=["head/.*"]),
           adapt=[dict(name="lora", rank=2, targets=".*attn/(query|value)/kernel")])
       add(name="lora", seed=1, model_init="run:base", model_load=dict(dont_load=["head/.*"]),
           adapt=[dict(name="lora", rank=2, targets=".*attn/(query|value)/kernel")])
-""")
+"""
 
 
-def test_study_runs_exports_adapts_and_tabulates(tmp_path, shared_data_dir, monkeypatch):
-  monkeypatch.setenv("FM_ADAPT_DATA_DIR", str(shared_data_dir))
-  exp = tmp_path / "exp.py"
-  exp.write_text(EXPERIMENT)
+def _kernels(params: dict) -> dict[str, np.ndarray]:
+  """'/'-joined path -> array of every attention query/value kernel."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()
+          if re.fullmatch(r".*attn/(query|value)/kernel", k)}
+
+
+def test_study_runs_exports_adapts_and_tabulates(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_BASE_AND_LORA)
   markdown = study.run_study(str(exp), tmp_path / "study")
   base = json.loads((tmp_path / "study" / "base-s0" / "results.json").read_text())
   lora = json.loads((tmp_path / "study" / "lora-s0" / "results.json").read_text())
@@ -53,7 +48,11 @@ def test_study_runs_exports_adapts_and_tabulates(tmp_path, shared_data_dir, monk
   assert saved and not any((p / "frozen").exists() for p in saved)
   # Its export has LoRA merged: plain ViT keys only, and the frozen kernels changed by merging.
   exported = native.load_native(tmp_path / "study" / "lora-s0" / "export" / "model.npz")
+  base_export = native.load_native(tmp_path / "study" / "base-s0" / "export" / "model.npz")
   assert "lora" not in exported["params"]
+  merged, frozen = _kernels(exported["params"]), _kernels(base_export["params"])
+  assert merged and merged.keys() == frozen.keys()
+  assert all(not np.array_equal(merged[k], frozen[k]) for k in merged)
   assert "| lora | 2 |" in markdown and "| base | 1 |" in markdown
   for suffix in ("md", "csv", "tex"):
     assert (tmp_path / "study" / f"results.{suffix}").exists()
@@ -63,9 +62,8 @@ def test_study_runs_exports_adapts_and_tabulates(tmp_path, shared_data_dir, monk
   assert calls == []  # Every run had finished: nothing is trained again.
 
 
-def test_run_reference_needs_an_earlier_run(tmp_path):
-  exp = tmp_path / "exp.py"
-  exp.write_text(EXPERIMENT.replace('add(name="base")', "pass"))
+def test_run_reference_needs_an_earlier_run(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_BASE_AND_LORA.replace('add(name="base")', "pass"))
   with pytest.raises(FileNotFoundError, match="has no export yet"):
     study.run_study(str(exp), tmp_path / "study")
 

@@ -1,9 +1,12 @@
-"""End-to-end training tests on real PneumoniaMNIST images (the derived subset_b npz).
+"""End-to-end training tests.
 
-One-step training through the CLI, a run killed mid-training that resumes to the same final
-parameters as an uninterrupted run, and the same losses on 8 simulated CPU devices as on 1.
-Then, on synthetic data: non-finite states, config changes, corrupt checkpoints and the log on
-resume, the selection of the evaluated state.
+On real PneumoniaMNIST images (the derived subset_b npz): one-step training through the CLI,
+the design's end-to-end tier. On the synthetic data of tests/fm_adapt/conftest.py, with the
+quickstart config (flip_lr, AdamW, warm-up and cosine decay): a run killed mid-training that
+resumes to the same final parameters as an uninterrupted run, the same losses on 8 simulated
+CPU devices as on 1, epochs counted in examples, Ctrl-C / SIGTERM. Then, in process: non-finite
+states, config changes, corrupt checkpoints and the log on resume, the selection of the
+evaluated state.
 """
 import csv
 import json
@@ -23,25 +26,25 @@ import orbax.checkpoint as ocp
 import pytest
 import sklearn.metrics
 
+from fm_adapt.train import build
 from fm_adapt.train import loop
 from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-CONFIG = "experiments/quickstart.py:runlocal,data=subset_b"
+REAL_CONFIG = "experiments/quickstart.py:runlocal,data=subset_b"
 
 
-def _env(devices: int = 1) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = str(REPO)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+def _env(base: dict, devices: int = 1) -> dict:
+  """`base` (tiny_env, or os.environ) on `devices` simulated CPU devices."""
+  return dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
 
 
-def _main_cmd(workdir, *overrides, prelude: str = ""):
+def _main_cmd(config, workdir, *overrides, prelude: str = ""):
   """A `python -m fm_adapt.main` command line, optionally run after a Python prelude."""
-  args = ["--config", CONFIG, "--workdir", str(workdir), "--config.progress=False", *overrides]
+  args = ["--config", str(config), "--workdir", str(workdir), "--config.progress=False",
+          *overrides]
   if not prelude:
     return [sys.executable, "-m", "fm_adapt.main", *args]
   script = prelude + textwrap.dedent(f"""
@@ -59,8 +62,12 @@ def _final_params(workdir: pathlib.Path, step: int) -> dict:
   return {"params": tree["params"], "model_state": tree["model_state"], "opt": tree["opt"]}
 
 
+@pytest.mark.real_data("the design's end-to-end tier on tiny real data: one step of "
+                       "experiments/quickstart.py on real PneumoniaMNIST images (subset_b, "
+                       "624 test / 524 val examples) through the CLI")
 def test_one_step_train_and_evaluate(tmp_path, shared_data_dir):
-  out = subprocess.run(_main_cmd(tmp_path / "w", "--config.total_steps=1"), env=_env(),
+  env = _env(dict(os.environ, FM_ADAPT_DATA_DIR=str(shared_data_dir)))
+  out = subprocess.run(_main_cmd(REAL_CONFIG, tmp_path / "w", "--config.total_steps=1"), env=env,
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "RESULT model=vit" in out.stdout
@@ -75,18 +82,19 @@ def test_one_step_train_and_evaluate(tmp_path, shared_data_dir):
   assert list((tmp_path / "w" / "tb").iterdir())
 
 
-def test_killed_run_resumes_to_same_parameters(tmp_path, shared_data_dir):
+def test_killed_run_resumes_to_same_parameters(tmp_path, tiny_experiment, tiny_env):
+  config, env = tiny_experiment(quickstart=True), _env(tiny_env)
   steps = ["--config.total_steps=12", "--config.checkpoint_every=2", "--config.eval_every=6"]
   reference = tmp_path / "reference"
-  out = subprocess.run(_main_cmd(reference, *steps), env=_env(), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(_main_cmd(config, reference, *steps), env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
 
   killed = tmp_path / "killed"
   # Slow each step down in the killed process only, so the kill lands mid-training.
   slow = ("import time\nfrom fm_adapt.train import mesh\n_gb = mesh.global_batch\n"
           "mesh.global_batch = lambda *a: (time.sleep(0.5), _gb(*a))[1]\n")
-  proc = subprocess.Popen(_main_cmd(killed, *steps, prelude=slow), env=_env(), cwd=REPO,
+  proc = subprocess.Popen(_main_cmd(config, killed, *steps, prelude=slow), env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   (killed / "ckpt").mkdir(parents=True)
   deadline = time.time() + 240
@@ -100,8 +108,8 @@ def test_killed_run_resumes_to_same_parameters(tmp_path, shared_data_dir):
   proc.wait()
   assert not (killed / "results.json").exists()
 
-  out = subprocess.run(_main_cmd(killed, *steps), env=_env(), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(_main_cmd(config, killed, *steps), env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resuming" in out.stderr
   want, got = _final_params(reference, 12), _final_params(killed, 12)
@@ -112,13 +120,12 @@ def test_killed_run_resumes_to_same_parameters(tmp_path, shared_data_dir):
 
 
 _LOSSES_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, runpy, sys
     import jax
     from fm_adapt.train import build, loop, mesh, step
-    from experiments import quickstart
-    config = quickstart.get_config("runlocal,data=subset_b")
+    config = runpy.run_path(sys.argv[1])["get_config"]()
     config.mesh = MESH
-    run = build.build_run(config, None)
+    run = build.build_run(config, config.data_dir)
     state = run.init_state()
     update = step.jit_update(run.update_fn, state, run.mesh)
     it = iter(run.train_loader)
@@ -131,41 +138,47 @@ _LOSSES_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("devices,mesh", [(8, "[('data', 4), ('fsdp', 2)]")])
-def test_same_loss_on_8_devices_as_on_1(devices, mesh, shared_data_dir):
+def test_same_loss_on_8_devices_as_on_1(devices, mesh, tiny_experiment, tiny_env, tiny_data):
+  """Batches of 32 from 40 examples: the second step's batch is padded (8 real examples)."""
+  config = tiny_experiment(quickstart=True)
+
   def losses(n, mesh_cfg):
-    out = subprocess.run([sys.executable, "-c", _LOSSES_SCRIPT.replace("MESH", mesh_cfg)],
-                         env=_env(n), cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOSSES_SCRIPT.replace("MESH", mesh_cfg), str(config)],
+        env=_env(tiny_env, n), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("LOSSES"))
     assert line.endswith(str(n))
     return json.loads(line.split(" ", 1)[1].rsplit(" ", 1)[0])
 
+  assert tiny_data["sizes"]["train"] == 40
   one = losses(1, "[('data', -1), ('fsdp', 1)]")
   many = losses(devices, mesh)
+  assert len(set(one)) == 3  # Three different batches (a repeated one would hide an error).
   np.testing.assert_allclose(many, one, rtol=2e-5)
 
 
-@pytest.mark.parametrize("last_batch, total", [("pad", 78), ("carry", 76)])
-def test_epochs_count_examples_not_whole_batches(shared_data_dir, last_batch, total):
-  """3,882 images at batch 128 are 31 steps an epoch (the last padded): 2.5 epochs are
-  ceil(2.5 * 31) = 78 steps; carried across epochs, ceil(2.5 * 3882 / 128) = 76, not 75."""
-  from experiments import quickstart
-  from fm_adapt.train import build
-  config = quickstart.get_config("runlocal,data=subset_b")
-  config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 128
+@pytest.mark.parametrize("last_batch, total", [("pad", 8), ("carry", 7)])
+def test_epochs_count_examples_not_whole_batches(quickstart_config, tiny_data, last_batch, total):
+  """40 images at batch 16 are 3 steps an epoch (the last padded, 8 images): 2.5 epochs are
+  ceil(2.5 * 3) = 8 steps; carried across epochs, ceil(2.5 * 40 / 16) = 7, not 6."""
+  config = quickstart_config()
+  config.total_steps, config.total_epochs, config.input.batch_size = 0, 2.5, 16
   config.input.last_batch = last_batch
-  run = build.build_run(config, None)
-  assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (3882, 31, total)
+  run = build.build_run(config, config.data_dir)
+  assert tiny_data["sizes"]["train"] == 40
+  assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (40, 3, total)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, shared_data_dir, signum):
+def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, tiny_experiment, tiny_env,
+                                                      signum):
   """Ctrl-C / SIGTERM mid-training: a checkpoint of that step, a one-line hint, status 128+N."""
   workdir = tmp_path / "w"
   proc = subprocess.Popen(
-      _main_cmd(workdir, "--config.total_steps=1000", "--config.checkpoint_every=1000",
-                "--config.log_every=1"),
-      env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      _main_cmd(tiny_experiment(quickstart=True), workdir, "--config.total_steps=1000",
+                "--config.checkpoint_every=1000", "--config.log_every=1"),
+      env=_env(tiny_env), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None and not (
@@ -182,7 +195,7 @@ def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, shared_data_dir,
   assert int(state["step"]) == stopped
 
 
-# Runs on the synthetic data of tests/fm_adapt/conftest.py (4 steps of a ViT-mu/7, in process).
+# In process, on the synthetic data of tests/fm_adapt/conftest.py (4 steps of a ViT-mu/7).
 
 
 def _steps(workdir: pathlib.Path, kind: str = "ckpt") -> list[int]:
@@ -241,7 +254,7 @@ def test_diverging_lr_saves_nothing(tmp_path, tiny_config):
   assert _steps(tmp_path / "w") == [] and _steps(tmp_path / "w", "best") == []
 
 
-def test_finished_run_resumes_only_with_its_config(tmp_path, tiny_config):
+def test_finished_run_resumes_only_with_its_config(tmp_path, tiny_config, tiny_data):
   workdir = tmp_path / "w"
   first = loop.train_and_evaluate(tiny_config(), workdir)
   assert first["selection"] == f"best_checkpoint (val/auc at step {first['best_step']})"
@@ -255,7 +268,8 @@ def test_finished_run_resumes_only_with_its_config(tmp_path, tiny_config):
   assert again["metrics"] == first["metrics"] and again["best_step"] == first["best_step"]
   # The best checkpoint's per-sample predictions, re-scored, give the reported test AUC.
   rows = list(csv.DictReader((workdir / "predictions" / "test.csv").open()))
-  assert len(rows) == 32 and (workdir / "predictions" / "val.csv").exists()
+  assert len(rows) == tiny_data["sizes"]["test"] == 30
+  assert (workdir / "predictions" / "val.csv").exists()
   auc = sklearn.metrics.roc_auc_score([int(r["label"]) for r in rows],
                                       [float(r["score_1"]) for r in rows])
   assert auc == pytest.approx(first["metrics"]["test/auc"], abs=1e-12)

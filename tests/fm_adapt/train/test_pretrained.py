@@ -1,4 +1,5 @@
-"""Starting runs from pretrained checkpoints: overlay rules and a real EfficientNet-Lite0 run."""
+"""Starting runs from pretrained checkpoints: overlay rules, and a run from the real
+EfficientNet-Lite0 weights on the synthetic data of tests/fm_adapt/conftest.py."""
 import json
 
 import jax
@@ -57,7 +58,11 @@ def test_missing_checkpoint_file_is_clear(monkeypatch):
     pretrained.resolve_path("no_such_weights.npz")
 
 
-def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_dir, monkeypatch):
+@pytest.mark.real_data("the real EfficientNet-Lite0 ImageNet weights (sha256 ce66bb4a...) start a "
+                       "LoRA run: their loader is detected from the file, the backbone is frozen "
+                       "and the ImageNet head replaced")
+def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_dir, tiny_data,
+                                                       monkeypatch):
   monkeypatch.setenv("FM_ADAPT_WEIGHTS_DIR", str(shared_weights_dir))
   config = config_lib.base_config()
   config.model_name = "efficientnet"
@@ -66,9 +71,11 @@ def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_
   config.model_load = dict(dont_load=["head/.*"])
   config.adapt = [dict(name="lora", rank=4, targets=r"block_1[45]/(expand|project)_conv/kernel")]
   config.frozen_statistics = True
-  config.input.update(dict(data=dict(name="npz", path="medmnist_derived/pneumoniamnist_subset_a.npz"),
+  config.input.update(dict(data=dict(name="npz", path=tiny_data["tiny"],
+                                     tfds_dir=f"{tiny_data['root']}/tfds"),
                            pp="resize(32)|gray_to_rgb|value_range(-1,1)", batch_size=8,
-                           eval_batch_size=256))
+                           eval_batch_size=32))
+  config.data_dir = tiny_data["root"]
   config.evals.test = dict(name="classification", split="test")
   config.best_metric = "test/auc"
   config.total_steps = 2
@@ -80,4 +87,4 @@ def test_efficientnet_lite0_lora_run_from_real_weights(tmp_path, shared_weights_
   assert counts["lora"]["trainable"] == 4 * (3 * (192 + 1152) + (1152 + 320))
   assert counts["head"]["trainable"] == 1280 * 2 + 2 and counts["stem"]["trainable"] == 0
   assert results["base_checkpoint"]["sha256"].startswith("ce66bb4a")
-  assert results["metrics"]["test/num_examples"] == 468
+  assert results["metrics"]["test/num_examples"] == tiny_data["sizes"]["test"] == 30

@@ -1,8 +1,10 @@
-"""Fixtures for the weights tests: writers of external ViT checkpoint layouts.
+"""Fixtures for the weights tests: writers of external checkpoint layouts.
 
-The `vit_writers` fixture gives the writers below (pytest runs with
+The `vit_writers` fixture gives the ViT writers below (pytest runs with
 --import-mode=importlib, so tests take helpers from fixtures, not imports).
 They write an fm_adapt ViT tree in external checkpoint layouts.
+`lite0_state_dict` is a synthetic EfficientNet-Lite0 checkpoint in the layout of
+the real one (../shared/weights/efficientnet-lite0-57934424.npz).
 
 Each writer spells out the external layout on its own (names, transposes, head
 axes), independently of `fm_adapt.weights.vit_formats`, so a test that writes
@@ -14,8 +16,13 @@ MlpBlock_3; class-token position row inside Transformer/posembed_input).
 """
 import types
 
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from fm_adapt.models import efficientnet
 
 
 def _depth(params: dict) -> int:
@@ -150,3 +157,61 @@ def vit_writers() -> types.SimpleNamespace:
   """to_timm, to_hf, to_big_vision and scan_blocks."""
   return types.SimpleNamespace(to_timm=to_timm, to_hf=to_hf, to_big_vision=to_big_vision,
                                scan_blocks=scan_blocks)
+
+
+# EfficientNet-Lite0, lukemelas/EfficientNet-PyTorch names: our module -> theirs.
+_LITE_TOP = {'stem/conv': '_conv_stem', 'stem/bn': '_bn0', 'head_conv': '_conv_head',
+             'head_bn': '_bn1', 'head': '_fc'}
+_LITE_BLOCK = {'expand_conv': '_expand_conv', 'expand_bn': '_bn0',
+               'dw_conv': '_depthwise_conv', 'dw_bn': '_bn1',
+               'project_conv': '_project_conv', 'project_bn': '_bn2'}
+_LITE_LEAF = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight',
+              'mean': 'running_mean', 'var': 'running_var'}
+
+
+def to_efficientnet_lite(variables: dict) -> dict[str, np.ndarray]:
+  """PyTorch state dict of `efficientnet.Model(variant='lite0')` variables.
+
+  Convolutions HWIO -> OIHW (depthwise (k, k, 1, C) -> (C, 1, k, k)), Dense
+  (in, out) -> Linear (out, in); BatchNorm scale/bias/mean/var -> weight/bias/
+  running_mean/running_var.
+  """
+  sd = {}
+  for collection in ('params', 'batch_stats'):
+    flat = flax.traverse_util.flatten_dict(variables[collection], sep='/')
+    for path, value in flat.items():
+      module, leaf = path.rsplit('/', 1)
+      if module.startswith('block_'):
+        block, inner = module.split('/', 1)
+        name = f"_blocks.{block[len('block_'):]}.{_LITE_BLOCK[inner]}"
+      else:
+        name = _LITE_TOP[module]
+      value = np.asarray(value)
+      if leaf == 'kernel':
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      sd[f'{name}.{_LITE_LEAF[leaf]}'] = np.ascontiguousarray(value)
+  return sd
+
+
+@pytest.fixture(scope='session')
+def lite0_variables() -> dict:
+  """Random float32 variables of EfficientNet-Lite0 with 1000 classes (variances > 0)."""
+  shapes = jax.eval_shape(efficientnet.Model(num_classes=1000, variant='lite0').init,
+                          jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    if path[-1].key == 'var':
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0., 0.1, leaf.shape).astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+@pytest.fixture(scope='session')
+def lite0_state_dict(lite0_variables) -> dict[str, np.ndarray]:
+  """`lite0_variables` as a PyTorch-layout EfficientNet-Lite0 state dict (the
+  real checkpoint's key names and shapes: checked against it in
+  test_efficientnet_lite_weights.py)."""
+  return to_efficientnet_lite(lite0_variables)

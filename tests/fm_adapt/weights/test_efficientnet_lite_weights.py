@@ -1,9 +1,12 @@
-"""Tests of the EfficientNet-Lite0 ImageNet import, against the real checkpoint.
+"""Tests of the EfficientNet-Lite0 ImageNet import.
 
-Oracles: the Grace Hopper photo must come out as ImageNet class 652 ("military
-uniform", README of the weights: p = 0.40 with (x-127)/128), and a plain-numpy
-forward pass that reads the PyTorch-layout arrays directly (TF-SAME padding, BN
-eps 1e-3, ReLU6) must agree with the Flax model on a random input.
+Against the real checkpoint (marked real_data): the Grace Hopper photo must come
+out as ImageNet class 652 ("military uniform", README of the weights: p = 0.40
+with (x-127)/128), and a plain-numpy forward pass that reads the PyTorch-layout
+arrays directly (TF-SAME padding, BN eps 1e-3, ReLU6) must agree with the Flax
+model on a random input. The strictness of the import is tested on a synthetic
+checkpoint of the same layout (`lite0_state_dict` of conftest.py), which a real
+data test checks against the real file.
 """
 import jax
 import matplotlib.cbook
@@ -54,12 +57,16 @@ def _top1(predict, variables, image) -> tuple[int, float]:
   return int(probs.argmax()), float(probs.max())
 
 
+@pytest.mark.real_data('the real EfficientNet-Lite0 ImageNet weights (.npz) '
+                       'classify the Grace Hopper photo as ImageNet class 652')
 def test_grace_hopper_npz(variables, predict, grace_hopper):
   label, prob = _top1(predict, variables, grace_hopper)
   assert label == MILITARY_UNIFORM
   assert 0.3 < prob < 0.5, prob  # 0.39 here; the weights' README reports 0.40
 
 
+@pytest.mark.real_data('the real EfficientNet-Lite0 .pth gives the same '
+                       'variables as the .npz and the same ImageNet prediction')
 def test_grace_hopper_pth(shared_weights_dir, variables, predict, grace_hopper):
   pytest.importorskip('torch')
   from_pth = efficientnet_lite.load_efficientnet_lite0(shared_weights_dir / PTH)
@@ -67,6 +74,8 @@ def test_grace_hopper_pth(shared_weights_dir, variables, predict, grace_hopper):
   assert _top1(predict, from_pth, grace_hopper)[0] == MILITARY_UNIFORM
 
 
+@pytest.mark.real_data('the real EfficientNet-Lite0 checkpoint loads to the '
+                       'full Lite0 tree (4,652,008 parameters)')
 def test_loaded_tree(variables):
   params, stats = variables['params'], variables['batch_stats']
   assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == 4_652_008
@@ -118,6 +127,9 @@ def _numpy_forward(sd: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray
   return features, logits
 
 
+@pytest.mark.real_data('the Flax model with the real EfficientNet-Lite0 '
+                       'weights agrees with a numpy forward pass of the '
+                       'PyTorch-layout arrays')
 def test_matches_numpy_reference(npz_arrays, variables, predict):
   """Random 37x37 input (odd: asymmetric SAME padding at every stride 2); atol 1e-4."""
   x = np.random.default_rng(0).normal(size=(2, 37, 37, 3)).astype(np.float32)
@@ -137,9 +149,27 @@ def test_matches_numpy_reference(npz_arrays, variables, predict):
      r'params/block_3/dw_conv/kernel: checkpoint \(144, 1, 3, 3\) '
      r'\(Flax layout \(3, 3, 1, 144\)\) vs model \(5, 5, 1, 144\)'),
 ])
-def test_strict(tmp_path, npz_arrays, edit, message):
-  sd = dict(npz_arrays)
+def test_strict(tmp_path, lite0_state_dict, edit, message):
+  sd = dict(lite0_state_dict)
   edit(sd)
   np.savez(tmp_path / 'edited.npz', **sd)
   with pytest.raises(ValueError, match=message):
     efficientnet_lite.load_efficientnet_lite0(tmp_path / 'edited.npz')
+
+
+def test_synthetic_checkpoint_loads_to_its_variables(tmp_path, lite0_state_dict,
+                                                      lite0_variables):
+  np.savez(tmp_path / 'synthetic.npz', **lite0_state_dict)
+  loaded = efficientnet_lite.load_efficientnet_lite0(tmp_path / 'synthetic.npz')
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(
+      lite0_variables)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, lite0_variables)
+
+
+@pytest.mark.real_data('the synthetic EfficientNet-Lite0 checkpoint of the tests '
+                       'has the real checkpoint\'s keys, shapes and dtypes')
+def test_synthetic_checkpoint_has_the_real_layout(npz_arrays, lite0_state_dict):
+  assert sorted(lite0_state_dict) == sorted(npz_arrays)
+  for key, value in npz_arrays.items():
+    assert (lite0_state_dict[key].shape, lite0_state_dict[key].dtype) == (
+        value.shape, value.dtype), key

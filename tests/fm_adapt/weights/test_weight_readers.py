@@ -99,9 +99,14 @@ def test_load_by_kind_and_by_path(tmp_path):
   assert weights.detect_name(path) == 'vit'
 
 
-def test_detect_efficientnet(shared_weights_dir):
-  path = shared_weights_dir / 'efficientnet-lite0-57934424.npz'
-  assert weights.detect_name(path) == 'efficientnet_lite0'
+def test_detect_efficientnet(tmp_path, lite0_state_dict):
+  """A checkpoint with EfficientNet-PyTorch key names (the real file's) is
+  EfficientNet-Lite0; the same file without its stem is not."""
+  np.savez(tmp_path / 'lite0.npz', **lite0_state_dict)
+  assert weights.detect_name(tmp_path / 'lite0.npz') == 'efficientnet_lite0'
+  stemless = {k: v for k, v in lite0_state_dict.items() if not k.startswith('_conv_stem.')}
+  np.savez(tmp_path / 'stemless.npz', **stemless)
+  assert weights.detect_name(tmp_path / 'stemless.npz') != 'efficientnet_lite0'
 
 
 def test_load_errors(tmp_path):
