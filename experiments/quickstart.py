@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = dict(variant=arg.variant, pool_type="gap")
   config.input.update(dict(data=DATA[arg.data], pp="value_range(-1,1)|flip_lr",
                            eval_pp="value_range(-1,1)", batch_size=128, eval_batch_size=256))
+  config.loss = dict(name="softmax_xent")
   config.evals.val = dict(name="classification", split="val")
   config.evals.test = dict(name="classification", split="test", periodic=False)
   config.best_metric = "val/auc"
