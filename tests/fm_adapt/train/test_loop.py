@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 import sklearn.metrics
 
+from fm_adapt.evaluators import metrics as metrics_lib
 from fm_adapt.train import build
 from fm_adapt.train import loop
 from fm_adapt.train import workdir as workdir_lib
@@ -300,8 +301,11 @@ def test_resume_after_a_corrupt_latest_checkpoint_logs_each_step_once(tmp_path, 
 
 
 def test_no_finite_best_metric_selects_the_final_state(tmp_path, tiny_config):
-  """A validation split of one class leaves val/auc undefined: results.json says so, in JSON."""
-  results = loop.train_and_evaluate(tiny_config("one_class_val"), tmp_path / "w")
+  """A validation split of one class leaves val/auc undefined: a warning and results.json say
+  so, in JSON."""
+  with pytest.warns(metrics_lib.UndefinedMetricWarning,
+                    match="Split 'val': every example has class '0'"):
+    results = loop.train_and_evaluate(tiny_config("one_class_val"), tmp_path / "w")
   assert results["best_step"] is None
   assert results["selection"] == "final_state (no finite val/auc)"
   text = (tmp_path / "w" / "results.json").read_text()
