@@ -24,6 +24,9 @@ WEIGHTS_ENV = "FM_ADAPT_WEIGHTS_DIR"
 _NO_DATA_DIR = (f"Needs the official files of ../shared/data and ${DATA_ENV} is unset: "
                 f"`export {DATA_ENV}=../shared/data` (the directory holding medmnist/; CI sets "
                 "it).")
+_NO_WEIGHTS_DIR = (f"Needs the pretrained weights of ../shared/weights and neither ${DATA_ENV} nor "
+                   f"${WEIGHTS_ENV} is set: `export {DATA_ENV}=../shared/data` (weights are read "
+                   f"from ../shared/weights; CI sets it) or `export {WEIGHTS_ENV}=<dir>`.")
 _SHARED_FIXTURES = ("shared_data_dir", "shared_weights_dir")
 
 
@@ -63,6 +66,9 @@ def pytest_collection_modifyitems(items):
                               "drop the marker.")
     if "shared_data_dir" in fixtures and not os.environ.get(DATA_ENV):
       item.add_marker(pytest.mark.skip(reason=f"{reason}. {_NO_DATA_DIR}"))
+    elif "shared_weights_dir" in fixtures and not (os.environ.get(DATA_ENV) or
+                                                   os.environ.get(WEIGHTS_ENV)):
+      item.add_marker(pytest.mark.skip(reason=f"{reason}. {_NO_WEIGHTS_DIR}"))
 
 
 @pytest.fixture(scope="session")
