@@ -42,6 +42,14 @@ class Run:
   periodic_evals: list[str]
   base_checkpoint: dict[str, str] | None = None
   adaptation: Any = None
+  padded_epochs: bool = True
+
+  def epoch_of(self, step: int) -> float:
+    """Epochs done after `step` steps: whole epochs of `steps_per_epoch` when each ends in a
+    padded batch, else examples seen over the split size."""
+    if self.padded_epochs:
+      return step / self.steps_per_epoch
+    return step * self.batch_size / self.num_train_examples
 
 
 @dataclasses.dataclass
@@ -161,6 +169,7 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
                      f"steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch, num_train_examples=len(source),
+             padded_epochs=config.input.get("last_batch", "pad") == "pad",
              total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,
              evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base,

@@ -237,8 +237,7 @@ def _log_train(step: int, measurements, timer: tuple[float, int], run, writer, b
   now = time.perf_counter()
   rate = (step - timer[1]) * run.batch_size / max(now - timer[0], 1e-9)
   values = {f"train/{k}": float(v) for k, v in jax.device_get(measurements).items()}
-  epoch = step * run.batch_size / run.num_train_examples
-  values.update({"train/epoch": epoch, "train/img_per_sec": rate})
+  values.update({"train/epoch": run.epoch_of(step), "train/img_per_sec": rate})
   writer.write(step, values)
   bar.set_postfix(loss=f"{values['train/loss']:.4f}")
   return now, step

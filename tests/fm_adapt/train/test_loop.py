@@ -169,6 +169,8 @@ def test_epochs_count_examples_not_whole_batches(quickstart_config, tiny_data, l
   run = build.build_run(config, config.data_dir)
   assert tiny_data["sizes"]["train"] == 40
   assert (run.num_train_examples, run.steps_per_epoch, run.total_steps) == (40, 3, total)
+  # The logged train/epoch: 3 padded steps are one epoch; 3 carried steps are 48 / 40 images.
+  assert run.epoch_of(3) == pytest.approx(1.0 if last_batch == "pad" else 1.2)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
