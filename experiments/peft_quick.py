@@ -10,6 +10,9 @@ parameters and validation / test AUROC of the best-validation-AUC checkpoint:
 
 `:runlocal` is the seconds-per-run smoke version (1 seed); without it every strategy trains for
 a few epochs over 3 seeds. `backbones=vit` or `backbones=cnn` restricts the study.
+
+Expected figures: none recorded yet for the full study (only `:runlocal` smoke runs, whose
+AUROCs mean nothing); add the table here and to experiments/RESULTS.md once it has run.
 """
 from __future__ import annotations
 
