@@ -359,38 +359,27 @@ def target_notes(records: Sequence[dict[str, Any]], loads: Sequence[float] = (0.
 
 
 EXPLANATION = """\
+The mechanisms behind the ratios above; the measured figures, their machine and load, and the
+analysis of each run are in benchmarks/README.md (this text states no figures of its own).
 - Step-time ratios are paired: strategies are timed in alternating round-robin rounds and each
   ratio is the median over rounds of the two strategies' mean step times in that round, so
   changes in the load of the shared CPU hit both. CPU s/step (all threads of the process) is
-  less sensitive to the load than wall time.
-- LoRA (q,v) FLOPs sit at their floor: a full step is forward F + activation-gradient backward
-  (~F) + weight-gradient backward (~F for the kernels). LoRA skips only the weight gradients of
-  the frozen kernels (the library passes them as non-differentiated inputs, so XLA never forms
-  dL/dW), but it still back-propagates activation gradients through every block down to block 0,
-  where the first LoRA layer sits, so its floor is ~2/3 of full: 0.69x FLOPs, the same as
-  BitFit, whose biases also sit in every block. What LoRA adds in time is its rank-8 dots (per
-  adapted layer 2 forward + 4 backward): each moves a [tokens, width] activation for a few MFLOP,
-  so they are memory- and call-overhead-bound and parallelize poorly; they cost ~0.1 s of a
-  ~0.9 s ViT-Ti/4 step on one core (LoRA ~0.78x vs BitFit ~0.70x when idle), and little at
-  ViT-S/16 @ 224 (~0.65x). Going well below ~0.67x needs less backward (e.g. LoRA on the last
-  k blocks only), not a cheaper LoRA.
-- LoRA on all linear layers costs 0.72-0.74x the FLOPs but more time than its FLOPs, on
-  ViT-Ti/4 even more than full fine-tuning: its rank-8 gradient dots contract over the token
-  axis (dL/dA = x^T g B^T, dL/dB = (xA)^T g), and XLA:CPU's layout assignment materializes a
-  transposed copy of the [tokens, 768] activations of fc1 / fc2 for them (one per block, with the
-  exact-GELU derivative fused into the transposing loop); on one core these copies took ~0.4 s of
-  a 1.6 s step (XLA profile), vs ~0.08 s in full fine-tuning, where the weight-gradient dots read
-  the operands in place. Skinny rank-8 dots are also memory-bound. The copies are XLA:CPU's
-  choice (a LoRA custom VJP with an optimization barrier on the cotangent, tried, kept them).
-- The full step's Adam update touches ~4 arrays of all the parameters; it is memory-bound and a
-  few percent of a step at these sizes, so skipping it is not where the saving comes from.
-- Linear probing needs no backward through the encoder (~1/3 of the FLOPs). VPT-deep's 10
-  extra tokens per block make every block longer (+20% tokens on ViT-Ti/4 @ 28, +5% on S/16 @
-  224), so it saves less on the small-token model.
+  less sensitive to the load than wall time. Speed targets are judged only on a quiet machine.
+- A full step is forward F + activation-gradient backward (~F) + weight-gradient backward (~F
+  for the kernels). LoRA skips only the weight gradients of the frozen kernels (the library
+  passes them as non-differentiated inputs, so XLA never forms dL/dW), but still back-propagates
+  activation gradients through every block down to the first adapted layer, so its FLOP floor is
+  about 2/3 of full, like BitFit's. LoRA's rank-r dots (per adapted layer 2 forward + 4 backward)
+  are memory- and call-overhead-bound, so its time sits above its FLOPs on small models. Going
+  well below ~2/3 needs less backward (e.g. LoRA on the last k blocks only), not a cheaper LoRA.
+- The LoRA branch runs on 2-D [tokens, width] views (adapt/lora.py), so its factor gradients
+  contract over one axis in place instead of XLA:CPU materialising transposed activations.
+- The full step's Adam update is memory-bound and a few percent of a step at these sizes.
+- Linear probing needs no backward through the encoder (~1/3 of the FLOPs). VPT-deep's extra
+  tokens make every block longer, relatively more on models with few tokens.
 - Memory: the step's live memory (XLA temp) is dominated by the saved activations, which every
-  strategy that back-propagates into block 0 keeps; LoRA saves the parameter-sized buffers (no
-  gradient and no Adam moments for the frozen 99%: params + optimizer state 0.01x of full,
-  0.35x counting the frozen weights), not the activations (temp 0.80-0.87x of full)."""
+  strategy that back-propagates into the first block keeps; LoRA saves the parameter-sized
+  buffers (no gradient and no Adam moments for the frozen weights), not the activations."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
