@@ -66,8 +66,7 @@ def _evaluate(evaluators: Mapping[str, cls_eval.Evaluator], state: Mapping[str, 
 
 def start_processes() -> bool:
   """Starts JAX's multi-process runtime where the environment asks for it; True on process 0."""
-  if not jax.distributed.is_initialized():
-    mesh_lib.maybe_initialize_distributed()
+  mesh_lib.maybe_initialize_distributed()  # Once per process: later calls do nothing.
   return jax.process_index() == 0
 
 
