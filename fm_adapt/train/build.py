@@ -161,7 +161,7 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
 
   def init_state() -> dict[str, Any]:
     variables = state_lib.sharded_init(model_fns.init_fn, init_rng, mesh, rules)
-    return state_lib.initial_state(fns, variables, mesh, rules)
+    return state_lib.initial_state(fns, variables, mesh)
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)

@@ -35,8 +35,8 @@ def sharded_init(init_fn, rng: jax.Array, mesh: jax.sharding.Mesh,
   return jax.jit(init_fn, out_shardings=shardings)(rng)
 
 
-def initial_state(fns: Any, variables: dict[str, Any], mesh: jax.sharding.Mesh,
-                  rules: Any = None) -> dict[str, Any]:
+def initial_state(fns: Any, variables: dict[str, Any], mesh: jax.sharding.Mesh
+                  ) -> dict[str, Any]:
   """The train state of freshly initialized (sharded) variables.
 
   Pretrained weights are loaded, the variables split into trainable / frozen / model state, and
@@ -46,7 +46,6 @@ def initial_state(fns: Any, variables: dict[str, Any], mesh: jax.sharding.Mesh,
     shardings = jax.tree.map(lambda x: x.sharding, variables)
     variables = jax.device_put(fns.model_fns.load(jax.device_get(variables)), shardings)
   params, frozen, model_state = split_variables(variables, fns.trainable)
-  del rules  # The parameters carry their shardings; the moments take them.
   opt_shardings = mesh_lib.optimizer_shardings(
       fns.tx, jax.eval_shape(fns.tx.init, params), jax.tree.map(lambda x: x.sharding, params),
       mesh)
