@@ -42,10 +42,45 @@ RUN_KEYS = {
     "best_metric": "evaluator metric that selects the best checkpoint, e.g. 'val/auc'.",
     "progress": "show a progress bar (True / False).",
     "data_dir": "data directory (else --data_dir, FM_ADAPT_DATA_DIR, the cache dir).",
-    "dtype": "compute dtype: float32 | bfloat16.",
+    "dtype": ("compute dtype of the model: 'float32' | 'bfloat16' (parameters, optimizer "
+              "state and the loss stay float32)."),
+    "remat": ("True: recompute each transformer / ResNet block in the backward pass instead of "
+              "keeping its activations (less memory, ~1/3 more compute)."),
+    "grad_accum_steps": ("split each batch into this many micro-batches inside the update, "
+                         "accumulating gradients (same update as one big batch)."),
     "runlocal": "whether the experiment was shrunk to a smoke run (recorded, not used).",
     "description": "free text recorded with the results.",
 }
+
+
+# Valid `config.dtype` values: the compute dtype of the model.
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(value: Any) -> str:
+  """Returns `config.dtype` as a valid name; fails naming the valid ones."""
+  if value not in DTYPES:
+    raise ValueError(f"Unknown config.dtype {value!r}; valid: {list(DTYPES)}.")
+  return value
+
+
+def check_grad_accum_steps(value: Any) -> int:
+  """Returns `config.grad_accum_steps` (None means 1); fails unless it is a positive int."""
+  if value is None:
+    return 1
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.grad_accum_steps={value!r}: set it to a positive int (1: no "
+                     "accumulation; k: k micro-batches of batch_size / k per step).")
+  return value
+
+
+def check_remat(value: Any) -> bool:
+  """Returns `config.remat` (None means False); fails unless it is a bool."""
+  if value is None:
+    return False
+  if not isinstance(value, bool):
+    raise ValueError(f"config.remat={value!r}: set it to True or False.")
+  return value
 
 
 # Keys of `config.input`.
@@ -96,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.frozen_statistics = False
   config.data_dir = placeholder(str)
   config.dtype = "float32"
+  config.remat = False
+  config.grad_accum_steps = 1
   config.runlocal = False
   config.description = ""
   return config
@@ -159,7 +196,9 @@ def check_known_keys(entry: Mapping[str, Any], valid: Sequence[str], where: str)
 
 def validate(config: Mapping[str, Any]) -> None:
   """Fails on a bad run config before anything is built: unknown top-level or `input` keys
-  (listing the valid ones), and batch sizes that are not positive ints."""
+  (listing the valid ones), batch sizes that are not positive ints, an unknown `dtype`, a
+  `grad_accum_steps` that is not a positive int (or does not divide the batch size), a
+  non-bool `remat`."""
   unknown = sorted(set(config.keys()) - set(RUN_KEYS))
   if unknown:
     valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
@@ -172,3 +211,9 @@ def validate(config: Mapping[str, Any]) -> None:
   _check_batch_size(inputs.get("eval_batch_size"), "config.input.eval_batch_size")
   for name, entry in (config.get("evals") or {}).items():
     _check_batch_size(dict(entry).get("batch_size"), f"config.evals.{name}.batch_size")
+  check_dtype(config.get("dtype", "float32"))
+  check_remat(config.get("remat"))
+  steps = check_grad_accum_steps(config.get("grad_accum_steps"))
+  if inputs.get("batch_size") % steps:
+    raise ValueError(f"config.input.batch_size={inputs.get('batch_size')} is not divisible by "
+                     f"config.grad_accum_steps={steps}: make the batch size a multiple of it.")

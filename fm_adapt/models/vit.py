@@ -219,7 +219,9 @@ class Encoder(nn.Module):
     """Applies the blocks and the final norm to tokens x [B, T, D] (deterministic: no dropout)."""
     block_cls = Encoder1DBlock
     if self.remat:  # Argument 0 is the module itself, so `deterministic` is argument 2.
-      block_cls = nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,))
+      # prevent_cse stays True (the default): outside a scan, XLA would otherwise merge the
+      # recomputation with the forward pass and keep the activations after all.
+      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,))
     for i in range(self.depth):
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                     dtype=self.dtype, name=f'block_{i}')(x, deterministic)

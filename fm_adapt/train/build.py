@@ -16,6 +16,7 @@ import numpy as np
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
+from fm_adapt import config as config_lib
 from fm_adapt.adapt import compose
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.evaluators import check_not_empty, make_evaluators
@@ -82,7 +83,8 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
   params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
   tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
   loss_fn = objectives.get_loss(config.get("loss"), spec.task)
-  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)])
+  update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)],
+                                   grad_accum_steps=config.get("grad_accum_steps"))
   return TrainFns(model_fns, variables_shape, trainable, tx, update)
 
 
@@ -91,9 +93,16 @@ def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
   return tuple(np.shape(example["image"]))
 
 
-def _check_batch(batch_size: int, what: str) -> None:
-  if batch_size % jax.device_count():
-    raise ValueError(f"{what}={batch_size} must be divisible by the {jax.device_count()} devices.")
+def check_batch(batch_size: int, grad_accum_steps: Any = 1) -> None:
+  """The training batch must split into `grad_accum_steps` micro-batches sharded evenly over
+  the devices: `batch_size` divisible by grad_accum_steps x the device count."""
+  steps = config_lib.check_grad_accum_steps(grad_accum_steps)
+  devices = jax.device_count()
+  if batch_size % (steps * devices):
+    accum = f" x config.grad_accum_steps={steps}" if steps > 1 else ""
+    raise ValueError(f"config.input.batch_size={batch_size} must be divisible by the {devices} "
+                     f"devices{accum} = {steps * devices}: make it a multiple of "
+                     f"{steps * devices}.")
 
 
 LAST_BATCH = ("pad", "carry")
@@ -139,6 +148,19 @@ def _check_padding_is_masked(config: ml_collections.ConfigDict, model: Any,
         "or config.frozen_statistics=True.")
 
 
+def _memory_note(config: ml_collections.ConfigDict) -> str:
+  """' (4 micro-batches, bfloat16 compute, remat)' for the settings that are not defaults."""
+  notes = []
+  steps = config_lib.check_grad_accum_steps(config.get("grad_accum_steps"))
+  if steps > 1:
+    notes.append(f"{steps} micro-batches")
+  if (config.get("dtype") or "float32") != "float32":
+    notes.append(f"{config.dtype} compute")
+  if config.get("remat"):
+    notes.append("remat")
+  return f" ({', '.join(notes)})" if notes else ""
+
+
 def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> Run:
   """Builds the `Run` of a config: nothing is trained or restored here."""
   mesh_lib.maybe_initialize_distributed()
@@ -147,7 +169,7 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   source, spec = datasets.get_dataset(config.input.data, "train", data_dir)
   check_not_empty(source, spec, "train", "config.input.data")
   batch_size = config.input.batch_size
-  _check_batch(batch_size, "config.input.batch_size")
+  check_batch(batch_size, config.get("grad_accum_steps"))
   seed = config.get("seed", 0)
   train_loader, steps_per_epoch, total_steps = make_train_loader(config, source, seed)
   # rbg keys: the same quality for init and dropout, and far faster to compile on CPU than
@@ -165,8 +187,9 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)
-  writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}, {steps_per_epoch} "
-                     f"steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, data {spec.name}")
+  writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}"
+                     f"{_memory_note(config)}, {steps_per_epoch} steps/epoch, {total_steps} "
+                     f"steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch, num_train_examples=len(source),
              padded_epochs=config.input.get("last_batch", "pad") == "pad",

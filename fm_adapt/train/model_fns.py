@@ -3,8 +3,9 @@
 `make_apply_fn(model)` gives `apply(params, model_state, images, *, train, rng, mask=None) ->
 (logits, out, new_model_state)`, the one signature the update step, the evaluators and every
 adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)` gives
-`init(rng) -> variables`. `build_model(config, ...)` applies `config.adapt` and
-`config.model_init` around them.
+`init(rng) -> variables`. `build_model(config, ...)` builds the model of `config.model_name` /
+`config.model` with the compute dtype of `config.dtype` and the rematerialization of
+`config.remat` (`precision_kwargs`), and applies `config.adapt` and `config.model_init` around it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fm_adapt import config as config_lib
 from fm_adapt import models
 from fm_adapt.adapt import compose
 from fm_adapt import param_paths
@@ -70,6 +72,42 @@ def init_variables_fn(model: nn.Module, image_shape: tuple[int, ...]):
   return init
 
 
+# Model fields set by run-level config keys, never by `config.model`.
+_RUN_LEVEL_FIELDS = {"dtype": "config.dtype", "remat": "config.remat"}
+
+
+def precision_kwargs(config: ml_collections.ConfigDict, model_name: str) -> dict[str, Any]:
+  """The model fields that `config.dtype` and `config.remat` set, checked against the model.
+
+  'bfloat16' sets the model's compute `dtype` (its parameters, hence the optimizer state, stay
+  float32; models return float32 logits and the losses reduce in float32); `remat=True` sets
+  its `remat` field. Defaults ('float32', False) set nothing.
+
+  Raises:
+    ValueError: for an unknown dtype, a non-bool remat, a model without the field the setting
+      needs, or `dtype` / `remat` given in `config.model` instead.
+  """
+  dtype = config_lib.check_dtype(config.get("dtype") or "float32")
+  remat = config_lib.check_remat(config.get("remat"))
+  for field, key in _RUN_LEVEL_FIELDS.items():
+    if field in (config.get("model") or {}):
+      raise ValueError(f"config.model.{field} is not read: set {key} instead.")
+  if model_name not in models.MODELS:
+    return {}  # `models.get_model` names the valid models.
+  fields = models.model_fields(models.MODELS[model_name])
+  out = {}
+  if dtype != "float32":
+    if "dtype" not in fields:
+      raise ValueError(f"config.dtype={dtype!r}: model {model_name!r} has no compute dtype; "
+                       "set config.dtype='float32'.")
+    out["dtype"] = jnp.dtype(dtype)
+  if remat:
+    if "remat" not in fields:
+      raise ValueError(f"config.remat=True: model {model_name!r} does not support "
+                       "rematerialization; set config.remat=False.")
+    out["remat"] = True
+  return out
+
 
 @dataclasses.dataclass
 class ModelFns:
@@ -86,6 +124,7 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
                 ) -> ModelFns:
   """The model of a config, adapted by `config.adapt`, loading `config.model_init`."""
   model_kwargs = dict(config.get("model", {}))
+  model_kwargs.update(precision_kwargs(config, config.model_name))
   adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
   adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
                 if adapt_cfgs else None)

@@ -67,3 +67,30 @@ def test_input_keys_are_validated_against_their_docs():
   config.input.shuffle_buffer = 10
   with pytest.raises(ValueError, match=r"Unknown config.input key\(s\) \['shuffle_buffer'\]"):
     config_lib.validate(config)
+
+
+def _valid_config():
+  config = config_lib.base_config()
+  config.input.update(dict(data=dict(name="npz", path="x.npz"), pp="", batch_size=8))
+  return config
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("dtype", "float16", r"Unknown config.dtype 'float16'; valid: \['float32', 'bfloat16'\]"),
+    ("dtype", "bf16", r"Unknown config.dtype 'bf16'; valid:"),
+    ("remat", "yes", r"config.remat='yes': set it to True or False"),
+    ("grad_accum_steps", 0, r"config.grad_accum_steps=0: set it to a positive int"),
+    ("grad_accum_steps", 3, r"batch_size=8 is not divisible by config.grad_accum_steps=3"),
+])
+def test_validate_precision_and_accumulation_keys(key, value, match):
+  config = _valid_config().to_dict()  # A plain dict: a ConfigDict would refuse the wrong type.
+  config_lib.validate(config)
+  config[key] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(config)
+
+
+def test_precision_and_accumulation_keys_accept_their_valid_values():
+  config = _valid_config()
+  config.dtype, config.remat, config.grad_accum_steps = "bfloat16", True, 4
+  config_lib.validate(config)

@@ -145,6 +145,32 @@ def test_train_step_grads_and_batch_stats():
   assert not np.allclose(a, logits)  # Batch statistics differ from running ones.
 
 
+def test_remat_same_params_loss_grads_and_batch_stats():
+  """nn.remat per block changes neither the parameter tree nor any value of a training step
+  (BatchNorm statistics and the padding mask included)."""
+  model = resnet.Model(num_classes=3, width=4)
+  image = np.random.default_rng(1).normal(size=(3, 12, 12, 3)).astype(np.float32)
+  mask = np.array([True, True, False])
+  variables = _random_variables(model, image.shape)
+  shapes = lambda m: jax.tree_util.tree_map(lambda x: x.shape, _abstract(m, image.shape)[0])
+  assert shapes(model) == shapes(model.clone(remat=True))
+
+  def step(m):
+    def loss(params):
+      (logits, _), updates = m.apply({**variables, 'params': params}, image, train=True,
+                                     mask=mask, mutable=['batch_stats'])
+      return jnp.mean(logits[:2]**2), updates
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+
+  (loss, updates), grads = step(model)
+  (remat_loss, remat_updates), remat_grads = step(model.clone(remat=True))
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(close, remat_grads, grads)
+  jax.tree_util.tree_map(close, remat_updates, updates)
+  assert all(np.any(g) for g in jax.tree_util.tree_leaves(grads))
+
+
 def test_bfloat16_compute():
   model = resnet.Model(num_classes=3, width=4, dtype=jnp.bfloat16)
   variables, logits, out = _abstract(model, (2, 12, 12, 3))

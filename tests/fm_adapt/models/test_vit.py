@@ -107,7 +107,7 @@ def test_param_names_mu():
 # Figures of timm's vit_{small,base,large}_patch16_224 with 1000 classes. timm's pos_embed also
 # has a row for the class token, which our layout folds into `cls` (see vit.py): D fewer here.
 @pytest.mark.parametrize('variant, timm_count', [
-    ('S/16', 22_050_664), ('B/16', 86_567_656)])
+    ('S/16', 22_050_664), ('B/16', 86_567_656), ('L/16', 304_326_632)])
 def test_param_count_matches_timm(variant, timm_count):
   params, _, _ = _abstract(vit.Model(num_classes=1000, variant=variant), (1, 224, 224, 3))
   width = vit.decode_variant(variant)['width']
