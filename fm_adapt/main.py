@@ -19,8 +19,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fm_adapt import process_flags
 from fm_adapt.train import interrupt
 from fm_adapt.train import loop
+from fm_adapt.train import processes
 from fm_adapt.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and argument.",
@@ -49,11 +51,12 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
   try:
+    process_flags.start_from_flags()
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value,
                                       _ALLOW_HARMLESS.value)
   except KeyboardInterrupt as error:  # interrupt.Stopped too: its checkpoint is saved.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
-  except loop.REFUSALS as error:
+  except (*loop.REFUSALS, processes.JoinError) as error:
     sys.exit(f"Error: {error}")
   logging.info("Results: %s", results)
   print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)

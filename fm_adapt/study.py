@@ -30,8 +30,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fm_adapt import process_flags
 from fm_adapt.report import tables
-from fm_adapt.train import interrupt, loop, workdir as workdir_lib, writer as writer_lib
+from fm_adapt.train import interrupt, loop, processes, workdir as workdir_lib, writer as writer_lib
 
 METRICS = tables.STUDY_METRICS
 
@@ -190,12 +191,13 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
   config_flag = flags.FLAGS["config"]
   try:
+    process_flags.start_from_flags()
     table = run_study(config_flags.get_config_filename(config_flag), _WORKDIR.value,
                       _DATA_DIR.value, overrides=config_flags.get_override_values(config_flag),
                       allow_harmless_changes=_ALLOW_HARMLESS.value)
   except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
-  except loop.REFUSALS as error:
+  except (*loop.REFUSALS, processes.JoinError) as error:
     sys.exit(f"Error: {error}")
   print(table, flush=True)
 

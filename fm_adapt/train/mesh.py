@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding by regex, global batches, multi-host start-up.
+"""Device mesh, parameter sharding by regex, global batches.
 
 `config.mesh = [('data', -1), ('fsdp', 1)]`: axis names and sizes, -1 takes the remaining
 devices. The batch is sharded over all mesh axes; parameters are replicated or sharded over
@@ -9,8 +9,6 @@ Optimizer moments take their parameter's sharding (`optimizer_shardings`).
 """
 from __future__ import annotations
 
-import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,28 +19,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fm_adapt import param_paths
+from fm_adapt.train import processes
 
 MESH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed() -> None:
-  """Starts JAX's multi-controller runtime when the environment asks for it, and logs topology.
-
-  `jax.distributed.initialize()` is called when JAX_COORDINATOR_ADDRESS is set (or a cluster
-  environment such as SLURM / TPU pods that JAX detects is indicated by FM_ADAPT_MULTIHOST=1).
-  """
-  wanted = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("FM_ADAPT_MULTIHOST") == "1"
-  if wanted and not jax.distributed.is_initialized():
-    try:
-      jax.distributed.initialize()
-    except Exception as e:  # Name the likely cause: a missing or unreachable process.
-      raise RuntimeError(
-          "jax.distributed.initialize() failed: check that every process was started with the "
-          "same coordinator address and num_processes, and that none is missing. "
-          f"Original error: {e}") from e
-  logging.info("JAX topology: process %d of %d, %d local / %d global devices (%s)",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  """Joins the multi-process job the environment describes (`processes.start`); once per process."""
+  processes.start()
 
 
 def make_mesh(axes: Sequence[tuple[str, int]] | None = None) -> Mesh:
