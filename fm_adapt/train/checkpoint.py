@@ -1,7 +1,10 @@
 """Orbax checkpoints of a run: periodic (keep N) and best-by-metric, strict restore.
 
 Layout in the workdir:
-  ckpt/<step>/state, ckpt/<step>/data   latest N train states + the data iterator state
+  ckpt/<step>/state                     latest N train states,
+  ckpt/<step>/iterator/process_<i>-of-<n>.json   each process's own data-iterator state (grain's
+                                        orbax handler: on a pod every process restores its own),
+  ckpt/<step>/data                      {'process_count', 'base_checkpoint', ...} (JSON)
   best/<step>/state                     the params / model_state of the best evaluation
   corrupt/ckpt_<step>                   a kept step that could not be read, set aside on resume
 
@@ -17,6 +20,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -79,6 +83,7 @@ class RunCheckpointer:
     self._latest = ocp.CheckpointManager(
         workdir / "ckpt",
         item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "iterator": grain.checkpoint.CheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._best = None
@@ -112,28 +117,57 @@ class RunCheckpointer:
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 
-  def save(self, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
-    """Saves (asynchronously) the full train state and the data-iterator state."""
-    saved = self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+  def save(self, step: int, state: Mapping[str, Any], data_state: Mapping[str, Any],
+           iterator: Any = None) -> None:
+    """Saves (asynchronously) the train state, every process's iterator state and `data_state`.
+
+    Args:
+      step: the step of `state`.
+      state: the checkpointed train state (`state.checkpointed`).
+      data_state: JSON-able facts of the run's data and base (the process count is added).
+      iterator: the training data iterator (a grain iterator), saved per process; None for none.
+    """
+    items = {"state": ocp.args.StandardSave(state),
+             "data": ocp.args.JsonSave({**data_state, "process_count": jax.process_count()})}
+    if iterator is not None:
+      items["iterator"] = grain.checkpoint.CheckpointSave(iterator)
+    saved = self._latest.save(step, args=ocp.args.Composite(**items))
     if not saved:
       raise CheckpointError(
           f"orbax did not save step {step} in {self.directory} (it holds steps "
           f"{self._latest.all_steps()}): a workdir is trained by one process at a time.")
 
-  def restore(self, abstract_state: Mapping[str, Any], step: int | None = None
-              ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restores the latest (or given) step onto `abstract_state`'s shapes and shardings."""
+  def restore(self, abstract_state: Mapping[str, Any], step: int | None = None,
+              iterator: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores the latest (or given) step onto `abstract_state`'s shapes and shardings.
+
+    With `iterator`, this process's own saved iterator state is set on it (a checkpoint of
+    the older layout, one state in `data['iterator']`, is read for a one-process run).
+
+    Raises:
+      IncompatibleCheckpoint: the weights do not fit, or the step was saved by another number
+        of processes than this run has.
+    """
     step = self._latest.latest_step() if step is None else step
+    where = f"{self._latest.directory}/{step}"
     saved = _metadata_tree(self._latest.item_metadata(step)["state"])
-    check_compatible(saved, abstract_state, f"{self._latest.directory}/{step}")
-    out = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
+    check_compatible(saved, abstract_state, where)
+    data = self._latest.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    _check_process_count(data, where)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    per_process = (pathlib.Path(self._latest.directory) / str(step) / "iterator").is_dir()
+    if iterator is not None and per_process:
+      items["iterator"] = grain.checkpoint.CheckpointRestore(iterator)
+    out = self._latest.restore(step, args=ocp.args.Composite(**items))
+    if iterator is not None and not per_process:
+      if "iterator" not in data:
+        raise CheckpointError(f"{where} holds no data-iterator state.")
+      iterator.set_state(data["iterator"].encode())
+    return out["state"], data
 
   def restore_latest(self, abstract_state: Mapping[str, Any],
-                     check: Callable[[int, Mapping[str, Any], Mapping[str, Any]], None] | None = None
-                     ) -> tuple[dict[str, Any], dict[str, Any], int] | None:
+                     check: Callable[[int, Mapping[str, Any], Mapping[str, Any]], None] | None = None,
+                     iterator: Any = None) -> tuple[dict[str, Any], dict[str, Any], int] | None:
     """Restores the newest kept step that reads back; None when no step is kept.
 
     A step that fails (orbax, tensorstore or JSON errors, or `check(step, state, data)` raising)
@@ -147,7 +181,7 @@ class RunCheckpointer:
     failed: list[tuple[int, str]] = []
     for step in sorted(self._latest.all_steps(), reverse=True):
       try:
-        state, data = self.restore(abstract_state, step)
+        state, data = self.restore(abstract_state, step, iterator)
         if check is not None:
           check(step, state, data)
       except IncompatibleCheckpoint:
@@ -253,6 +287,16 @@ class RunCheckpointer:
     self._latest.close()
     if self._best is not None:
       self._best.close()
+
+
+def _check_process_count(data: Mapping[str, Any], where: str) -> None:
+  """Each process restores the iterator state it saved: the process count must not change."""
+  saved = int(data.get("process_count", 1))
+  if saved != jax.process_count():
+    raise IncompatibleCheckpoint(
+        f"The checkpoint {where} was saved by {saved} process(es) and this run has "
+        f"{jax.process_count()}: each process resumes its own data-iterator state. Resume with "
+        f"{saved} process(es), or start a fresh --workdir.")
 
 
 def abstract_of(tree: Any) -> Any:

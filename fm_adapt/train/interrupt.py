@@ -1,10 +1,14 @@
 """Graceful stops: Ctrl-C or SIGTERM during training ends the run at a step, checkpointed.
 
 A first SIGINT (Ctrl-C) or SIGTERM (what schedulers such as SLURM and Kubernetes send before
-killing a job) only sets a flag; the training loop checks it after every step, saves a
-checkpoint of that step and raises `Stopped`. A second Ctrl-C stops at once (the last periodic
-checkpoint is then the one resumed). On several JAX processes a signal reaches one host only and
-a lone save would hang the others, so there the default behaviour is kept.
+killing a job) only sets a flag; the training loop asks `requested(step)` after every step,
+saves a checkpoint of that step and raises `Stopped`. A second Ctrl-C stops at once (the last
+periodic checkpoint is then the one resumed).
+
+On several JAX processes a signal may reach one host only, and a lone save would hang the
+others: there JAX's pre-emption sync point decides (the distributed runtime catches SIGTERM on
+any process and `reached_preemption_sync_point` turns true on every process at the same step),
+so all processes save the same step and exit with the resume hint.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from types import FrameType
 from typing import NoReturn
 
 import jax
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -35,7 +40,7 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopOnSignal:
-  """Context manager that turns SIGINT / SIGTERM into a stop request read by `signum`."""
+  """Context manager that turns SIGINT / SIGTERM into a stop request (`requested`)."""
 
   def __init__(self):
     self.signum: int | None = None
@@ -46,6 +51,13 @@ class StopOnSignal:
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C: stop now.
     self.signum = signum
+
+  def requested(self, step: int) -> bool:
+    """Whether training should stop after `step` (every process must ask at every step)."""
+    if (jax.process_count() > 1 and self.signum is None
+        and multihost_utils.reached_preemption_sync_point(step)):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def __enter__(self) -> "StopOnSignal":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():

@@ -8,7 +8,6 @@ parameter norm are known finite; a resume starts from the newest checkpoint that
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Mapping
@@ -42,14 +41,9 @@ REFUSALS = (workdir_lib.WorkdirError, finite.NonFiniteError, ckpt_lib.Checkpoint
             ckpt_lib.IncompatibleCheckpoint)
 
 
-def _data_state(iterator: Any, run: build.Run) -> dict[str, Any]:
-  state = iterator.get_state()
-  return {"iterator": state.decode() if isinstance(state, bytes) else json.dumps(state),
-          "base_checkpoint": run.base_checkpoint}
-
-
-def _set_iterator_state(iterator: Any, saved: Mapping[str, str]) -> None:
-  iterator.set_state(saved["iterator"].encode())
+def _data_state(run: build.Run) -> dict[str, Any]:
+  """What a checkpoint records beside the state: the base checkpoint the run adapts."""
+  return {"base_checkpoint": run.base_checkpoint}
 
 
 def _evaluate(evaluators: Mapping[str, cls_eval.Evaluator], state: Mapping[str, Any],
@@ -125,7 +119,8 @@ def _check_best_metric(metric: str | None, run: build.Run) -> None:
 
 def _restore_or_init(run: build.Run, ckpt: ckpt_lib.RunCheckpointer, iterator: Any
                      ) -> tuple[dict[str, Any], int]:
-  """The newest readable workdir checkpoint (its data state set on `iterator`), else a fresh state.
+  """The newest readable workdir checkpoint (its iterator state set on `iterator`), else a fresh
+  state.
 
   A checkpoint that does not read back, holds non-finite values or an iterator state the loader
   refuses is skipped for the next older kept step (`RunCheckpointer.restore_latest`).
@@ -136,9 +131,9 @@ def _restore_or_init(run: build.Run, ckpt: ckpt_lib.RunCheckpointer, iterator: A
     _check_same_base(data_state.get("base_checkpoint"), run.base_checkpoint)
     finite.check_tree({k: restored[k] for k in ("params", "model_state")},
                       f"The checkpoint of step {step}")
-    _set_iterator_state(iterator, data_state)
 
-  found = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(state)), check)
+  found = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(state)), check,
+                              iterator)
   if found is None:
     return state, 0
   restored, _, step = found
@@ -211,22 +206,22 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       _check_finite(*previous, ckpt, workdir)
     previous = (step, measurements)
     bar.update(1)
-    stopping = stop.signum is not None and step < total
+    stopping = stop.requested(step) and step < total
     log = step % log_every == 0 or step == total
     evaluate = step % eval_every == 0 or step == total
     save = step % ckpt_every == 0 or step == total
     if stopping or log or evaluate or save:
       _check_finite(step, measurements, ckpt, workdir)
+    if log or stopping:  # The stopping step's metrics are written: a resume starts after it.
+      timer = _log_train(step, measurements, timer, run, writer, bar)
     if stopping:
-      ckpt.save(step, state_lib.checkpointed(state), _data_state(iterator, run))
+      ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
       ckpt.wait()
       raise interrupt.Stopped(step, stop.signum)
-    if log:
-      timer = _log_train(step, measurements, timer, run, writer, bar)
     if evaluate:
       _evaluate_periodic(step, state, run, ckpt, writer, bar)
     if save:
-      ckpt.save(step, state_lib.checkpointed(state), _data_state(iterator, run))
+      ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
   return state
 
 

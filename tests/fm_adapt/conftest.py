@@ -10,7 +10,11 @@ takes a fraction of a second instead of seconds.
 """
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 import textwrap
+import time
 
 import jax
 import ml_collections
@@ -135,3 +139,71 @@ def tiny_experiment(tiny_data, tmp_path):
     return path
 
   return write
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class ProcessGroup:
+  """Local processes joined into one JAX job on 127.0.0.1 (`jax.distributed`, gloo on CPU)."""
+
+  def __init__(self, env: dict[str, str], cwd: pathlib.Path):
+    self._env = env
+    self._cwd = cwd
+    self.procs: list[subprocess.Popen] = []
+
+  def start(self, module: str, args: list[str], num_processes: int = 2,
+            devices_per_process: int = 2, timeout_s: int = 120) -> list[subprocess.Popen]:
+    """Starts `python -m module args` as processes 0..n-1 of one job; their output goes to
+    `<logs>/process_<i>.log` (`self.log(i)`)."""
+    port = free_port()
+    env = dict(self._env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    self.procs = []
+    for i in range(num_processes):
+      command = [sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
+                 f"--num_processes={num_processes}", f"--process_id={i}",
+                 f"--initialization_timeout={timeout_s}"]
+      log = open(self._log_path(i), "w")  # pylint: disable=consider-using-with
+      self.procs.append(subprocess.Popen(command, cwd=self._cwd, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT))
+      log.close()
+    return self.procs
+
+  def _log_path(self, i: int) -> pathlib.Path:
+    return pathlib.Path(self._env["FM_ADAPT_TEST_LOGS"]) / f"process_{i}.log"
+
+  def log(self, i: int) -> str:
+    return self._log_path(i).read_text()
+
+  def wait(self, timeout_s: float = 600) -> list[int]:
+    """Waits for every process; returns their exit statuses (a timeout kills them and fails)."""
+    deadline = time.time() + timeout_s
+    for proc in self.procs:
+      try:
+        proc.wait(timeout=max(deadline - time.time(), 1))
+      except subprocess.TimeoutExpired:
+        self.kill()
+        pytest.fail("processes did not finish in time; logs:\n" +
+                    "\n".join(self.log(i)[-3000:] for i in range(len(self.procs))))
+    return [p.returncode for p in self.procs]
+
+  def kill(self) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture()
+def process_group(tiny_env, tmp_path):
+  """A `ProcessGroup` with the tiny runs' environment; its processes are killed at teardown."""
+  logs = tmp_path / "process_logs"
+  logs.mkdir()
+  group = ProcessGroup(dict(tiny_env, FM_ADAPT_TEST_LOGS=str(logs)),
+                       pathlib.Path(__file__).resolve().parents[2])
+  yield group
+  group.kill()

@@ -3,6 +3,7 @@ kept in step with the disk, and a corrupt latest step that falls back to the nex
 import json
 import shutil
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +17,26 @@ def _state(width: int, blocks: int = 1):
   return {"params": params, "model_state": {}, "opt": (jnp.zeros(()),), "step": jnp.int32(3)}
 
 
+def _iterator(position: int = 0):
+  """A grain iterator over 0..99 that has yielded `position` records."""
+  loader = grain.DataLoader(
+      data_source=list(range(100)),
+      sampler=grain.samplers.IndexSampler(num_records=100, shuffle=False, num_epochs=1, seed=0),
+      worker_count=0, shard_options=grain.sharding.NoSharding())
+  iterator = iter(loader)
+  for _ in range(position):
+    next(iterator)
+  return iterator
+
+
 def test_roundtrip_and_best(tmp_path):
   ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=1, best_metric="val/auc")
-  ckpt.save(3, _state(4), {"iterator": "{}"})
+  ckpt.save(3, _state(4), {"base_checkpoint": None})
   ckpt.save_best(3, {"params": _state(4)["params"]}, {"val/auc": 0.7})
   ckpt.save_best(4, {"params": jax.tree.map(lambda x: 2 * x, _state(4)["params"])}, {"val/auc": 0.6})
   ckpt.wait()
   state, data = ckpt.restore(ckpt_lib.abstract_of(_state(4)))
-  assert int(state["step"]) == 3 and data == {"iterator": "{}"}
+  assert int(state["step"]) == 3 and data == {"base_checkpoint": None, "process_count": 1}
   assert ckpt.best_step() == 3  # The worse evaluation at step 4 did not replace it.
   best = ckpt.restore_best(ckpt_lib.abstract_of({"params": _state(4)["params"]}))
   np.testing.assert_array_equal(best["params"]["encoder"]["block_0"]["kernel"], np.ones((4, 4)))
@@ -61,7 +74,7 @@ def test_resumed_best_keeps_the_saved_value(tmp_path):
 ])
 def test_restore_into_another_model_is_a_clear_error(tmp_path, other, message):
   ckpt = ckpt_lib.RunCheckpointer(tmp_path)
-  ckpt.save(1, _state(4), {"iterator": "{}"})
+  ckpt.save(1, _state(4), {})
   ckpt.wait()
   with pytest.raises(ValueError, match=message):
     ckpt.restore(ckpt_lib.abstract_of(other))
@@ -106,10 +119,10 @@ def test_undefined_best_metric_never_improves(tmp_path):
 
 def test_a_refused_save_is_an_error(tmp_path):
   ckpt = ckpt_lib.RunCheckpointer(tmp_path)
-  ckpt.save(4, _state(4), {"iterator": "{}"})
+  ckpt.save(4, _state(4), {})
   ckpt.wait()
   with pytest.raises(ckpt_lib.CheckpointError, match="did not save step 3"):
-    ckpt.save(3, _state(4), {"iterator": "{}"})
+    ckpt.save(3, _state(4), {})
   ckpt.close()
 
 
@@ -128,7 +141,9 @@ def _empty(step_dir):
 CORRUPTIONS = {
     "truncated_array_file": _truncate_arrays,
     "bad_metadata": lambda d: (d / "state" / "_METADATA").write_text("{not json"),
-    "garbage_iterator_json": lambda d: (d / "data" / "metadata").write_text("garbage"),
+    "garbage_data_json": lambda d: (d / "data" / "metadata").write_text("garbage"),
+    "garbage_iterator_json": lambda d: (d / "iterator" / "process_0-of-1.json").write_text("{x"),
+    "missing_iterator_file": lambda d: (d / "iterator" / "process_0-of-1.json").unlink(),
     "empty_step_dir": _empty,
 }
 
@@ -137,7 +152,7 @@ def _three_steps(root):
   ckpt = ckpt_lib.RunCheckpointer(root, keep=3)
   for step in (2, 4, 6):
     state = dict(_state(4), step=jnp.int32(step))
-    ckpt.save(step, state, {"iterator": json.dumps({"step": step})})
+    ckpt.save(step, state, {"base_checkpoint": None}, _iterator(step))
   ckpt.close()
 
 
@@ -146,13 +161,14 @@ def test_corrupt_latest_falls_back_to_the_next_older_step(tmp_path, capsys, corr
   _three_steps(tmp_path)
   CORRUPTIONS[corruption](tmp_path / "ckpt" / "6")
   ckpt = ckpt_lib.RunCheckpointer(tmp_path, keep=3)
-  state, data, step = ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)))
-  assert step == 4 and int(state["step"]) == 4 and json.loads(data["iterator"]) == {"step": 4}
+  iterator = _iterator()
+  state, _, step = ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)), iterator=iterator)
+  assert step == 4 and int(state["step"]) == 4 and next(iterator) == 4
   err = capsys.readouterr().err
   assert f"checkpoint {tmp_path / 'ckpt' / '6'} cannot be restored" in err
   assert f"moved the unreadable checkpoint of step 6 to {tmp_path / 'corrupt' / 'ckpt_6'}" in err
   assert not (tmp_path / "ckpt" / "6").exists() and (tmp_path / "corrupt" / "ckpt_6").is_dir()
-  ckpt.save(6, _state(4), {"iterator": "{}"})  # Training saves step 6 again.
+  ckpt.save(6, _state(4), {}, iterator)  # Training saves step 6 again.
   ckpt.wait()
   assert ckpt.latest_step() == 6
   ckpt.close()
@@ -190,4 +206,40 @@ def test_another_model_is_an_error_not_a_corruption(tmp_path):
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="saved \\(4, 4\\) vs model \\(8, 8\\)"):
     ckpt.restore_latest(ckpt_lib.abstract_of(_state(8)))
   assert sorted(ckpt._latest.all_steps()) == [2, 4, 6]  # pylint: disable=protected-access
+  ckpt.close()
+
+
+def test_each_process_saves_and_restores_its_own_iterator_state(tmp_path):
+  """grain's handler writes process_<i>-of-<n>.json: on a pod no process takes another's."""
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path)
+  ckpt.save(5, _state(4), {}, _iterator(5))
+  ckpt.wait()
+  assert sorted(p.name for p in (tmp_path / "ckpt" / "5" / "iterator").glob("*.json")) == [
+      "process_0-of-1.json"]
+  iterator = _iterator()
+  ckpt.restore(ckpt_lib.abstract_of(_state(4)), iterator=iterator)
+  assert [next(iterator) for _ in range(3)] == [5, 6, 7]
+  ckpt.close()
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_not_set_aside(tmp_path):
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path)
+  ckpt.save(2, _state(4), {}, _iterator(2))
+  ckpt.wait()
+  metadata = tmp_path / "ckpt" / "2" / "data" / "metadata"
+  metadata.write_text(json.dumps(dict(json.loads(metadata.read_text()), process_count=2)))
+  with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match=r"saved by 2 process\(es\) and this run has 1"):
+    ckpt.restore_latest(ckpt_lib.abstract_of(_state(4)), iterator=_iterator())
+  assert (tmp_path / "ckpt" / "2").is_dir()  # Not moved to corrupt/.
+  ckpt.close()
+
+
+def test_the_older_one_state_layout_still_resumes(tmp_path):
+  """Checkpoints written before the per-process layout keep their state in data['iterator']."""
+  ckpt = ckpt_lib.RunCheckpointer(tmp_path)
+  ckpt.save(4, _state(4), {"iterator": _iterator(4).get_state().decode()})
+  ckpt.wait()
+  iterator = _iterator()
+  ckpt.restore(ckpt_lib.abstract_of(_state(4)), iterator=iterator)
+  assert next(iterator) == 4
   ckpt.close()

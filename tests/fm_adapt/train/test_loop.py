@@ -196,6 +196,8 @@ def test_signal_saves_the_step_and_says_how_to_resume(tmp_path, tiny_experiment,
   assert [p.name for p in (workdir / "ckpt").glob("*") if p.name.isdigit()] == [str(stopped)]
   state = ocp.StandardCheckpointer().restore(workdir / "ckpt" / str(stopped) / "state")
   assert int(state["step"]) == stopped
+  logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert stopped in [row["step"] for row in logged if "train/loss" in row]  # Resume starts after.
 
 
 # In process, on the synthetic data of tests/fm_adapt/conftest.py (4 steps of a ViT-mu/7).

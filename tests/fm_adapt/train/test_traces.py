@@ -7,7 +7,6 @@ A tiny real run (`build.build_run`) on a synthetic MedMNIST-layout archive writt
 images at batch 8 end in padded batches too.
 """
 import functools
-import json
 import pathlib
 
 import chex
@@ -84,12 +83,6 @@ def _weights(state):
   return {"params": state["params"], "model_state": state["model_state"]}
 
 
-def _data_state(iterator) -> dict:
-  state = iterator.get_state()
-  return {"iterator": state.decode() if isinstance(state, bytes) else json.dumps(state),
-          "base_checkpoint": None}
-
-
 def _steps(update, state, run, iterator, count: int) -> tuple[dict, list[bool]]:
   """`count` steps; returns the state and, per step, whether its batch was padded."""
   padded = []
@@ -122,19 +115,19 @@ def test_no_retrace_across_steps_resume_and_evaluations(tmp_path, monkeypatch, m
   assert first["val/num_examples"] == 13 and first["test/num_examples"] == 11
 
   ckpt = ckpt_lib.RunCheckpointer(tmp_path / "workdir", keep=2, best_metric="val/auc")
-  ckpt.save(4, state_lib.checkpointed(state), _data_state(iterator))
+  ckpt.save(4, state_lib.checkpointed(state), {}, iterator)
   assert ckpt.save_best(4, _weights(state), first)
   ckpt.wait()
   saved = jax.device_get(state_lib.checkpointed(state))
 
   # Resume as the loop does: a fresh state's abstract tree, restored, the frozen part rebuilt.
   fresh = run.init_state()
-  restored, data_state, step = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(fresh)))
+  iterator = iter(run.train_loader)
+  restored, _, step = ckpt.restore_latest(ckpt_lib.abstract_of(state_lib.checkpointed(fresh)),
+                                          iterator=iterator)
   assert step == 4
   chex.assert_trees_all_equal(jax.device_get(restored), saved)
   state = dict(restored, frozen=fresh["frozen"])
-  iterator = iter(run.train_loader)
-  iterator.set_state(data_state["iterator"].encode())
 
   state, padded = _steps(update, state, run, iterator, 3)  # Steps 5-7: step 6 is padded.
   assert padded == [False, True, False]
