@@ -32,8 +32,14 @@ setuptools.setup(
         # Reading .pth checkpoints. torch.load(weights_only=True) before 2.6 can run code from a
         # crafted file (CVE-2025-32434); fm_adapt.weights.readers refuses such a torch.
         "torch": ["torch>=2.6,<3"],
-        # The PyTorch oracles of the tests (ResNet vs torchvision-style models, .pth reading):
-        # the exact CPU build CI installs (a looser range can pull a multi-GB CUDA build).
-        "test": ["torch==2.13.0"],
+        # The PyTorch oracles of the tests (ResNet vs torchvision-style models, .pth reading; the
+        # foundation-model importers against timm, open_clip and transformers at random
+        # initialisation): exact pins, the CPU torch CI installs (a looser range can pull a
+        # multi-GB CUDA build). timm and open_clip pull torchvision, whose only PyPI build for
+        # torch 2.13.0 links libtorch_cuda and fails to import beside CPU torch; the oracle tests
+        # never call it (tests/fm_adapt/weights/conftest.py stands in for it, raising on use).
+        # Together ~190 MB installed, ~35 MB of wheels.
+        "test": ["torch==2.13.0", "timm==1.0.29", "open_clip_torch==3.3.0",
+                 "transformers==5.17.0"],
     },
 )
