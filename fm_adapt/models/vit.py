@@ -3,14 +3,21 @@
 Follows the plain ViT of Dosovitskiy et al. (2021) as laid out in big_vision, with parameter
 names fixed for checkpoint importers and LoRA selectors:
 
-  embedding/{kernel [p,p,C,D], bias}         patch embedding (VALID conv, stride p)
-  cls [1,1,D]                                class token (pool_type='tok' only)
+  embedding/{kernel [p,p,C,D], bias}         patch embedding (VALID conv, stride p; no bias
+                                             with patch_bias=False, as CLIP)
+  cls [1,1,D]                                class token (class_token, default: pool_type='tok')
+  registers [1,R,D]                          register tokens (num_registers=R > 0, DINOv2-reg)
   pos_embedding [1,N,D]                      learned position embedding of the N patches
+  ln_pre/{scale,bias}                        LayerNorm before the encoder (pre_norm, CLIP ln_pre)
   encoder/block_{i}/ln_attn/{scale,bias}
   encoder/block_{i}/attn/{query,key,value,out}/{kernel [D,D],bias [D]}
+  encoder/block_{i}/ls_attn/scale [D]        LayerScale of the attention branch (layerscale)
   encoder/block_{i}/ln_mlp/{scale,bias}
   encoder/block_{i}/mlp/{fc1,fc2}/{kernel,bias}
-  encoder/norm/{scale,bias}
+  encoder/block_{i}/ls_mlp/scale [D]         LayerScale of the MLP branch (layerscale)
+  encoder/norm/{scale,bias}                  final norm of all tokens (absent with fc_norm)
+  fc_norm/{scale,bias}                       norm of the pooled features (fc_norm, MAE / RETFound)
+  proj/kernel [D,P]                          projection of the pooled features (proj_dim=P, CLIP)
   head/{kernel,bias}                         only when num_classes is set
 
 Module paths (also calls that adaptation transforms may intercept from outside, the way
@@ -27,14 +34,21 @@ Module paths (also calls that adaptation transforms may intercept from outside, 
   encoder/block_{i}/ln_mlp, mlp, drop_mlp    the MLP branch, likewise
 
 Conventions worth knowing:
-  * Token layout is [cls?, patches...]; code that wants the patches takes the *last* N tokens.
-  * The position embedding covers only the patch tokens; the class token gets none (as in
-    big_vision). timm / the original ViT add a position row to the class token too; since that
-    row is a constant added to a learned constant, an importer folds it in exactly:
+  * Token layout is [cls?, registers..., patches...]; code that wants the patches takes the
+    *last* N tokens. Registers are never pooled ('gap' averages the patches, 'tok' takes cls).
+  * The position embedding covers only the patch tokens; the class token and the registers get
+    none (as in big_vision). timm / DINOv2 / CLIP add a position row to the class token too;
+    since that row is a constant added to a learned constant, an importer folds it in exactly:
     `cls = cls + pos_embed[:, :1]`, `pos_embedding = pos_embed[:, 1:]`. Hence a 'tok' model
     here has D fewer parameters than the timm count (e.g. ViT-B/16: 86,566,888 vs 86,567,656).
-  * GELU is the exact erf form (`approximate=False`), as in timm / PyTorch `nn.GELU()`.
-  * LayerNorm epsilon is 1e-6 (big_vision / timm ViT).
+  * With `posemb_grid` set, `pos_embedding` keeps that grid (the pretraining resolution, e.g.
+    37x37 for DINOv2 at 518 px) and is resized to the image's grid in every forward pass with
+    the family's own method (`posemb_resize`: DINOv2's offset bicubic, timm's antialiased
+    bicubic, Hugging Face's bicubic), so one checkpoint runs at 518, 224 or 28 px unchanged.
+  * Blocks are pre-norm: x + ls_attn(attn(ln_attn(x))), then the same with the MLP. The MLP
+    activation is the exact erf GELU (`mlp_act='gelu'`, timm / PyTorch `nn.GELU()`) or OpenAI
+    CLIP's QuickGELU x * sigmoid(1.702 x) (`mlp_act='quick_gelu'`).
+  * LayerNorm epsilon is 1e-6 (big_vision / timm / DINOv2); CLIP towers use 1e-5 (`ln_epsilon`).
   * Parameters are float32; `dtype` only sets the compute dtype. Logits are returned in float32.
 """
 import re
@@ -46,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_adapt.models import activations
+from fm_adapt.models import posemb_resize
 
 Array = jax.Array
 
@@ -58,17 +73,26 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     'M': (512, 12, 2048, 8),
     'B': (768, 12, 3072, 12),
     'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
 }
 POOL_TYPES = ('tok', 'gap')
 POSEMB_TYPES = ('learn', 'sincos2d')
 LN_EPSILON = 1e-6
 
 
+def quick_gelu(x: Array) -> Array:
+  """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+MLP_ACTIVATIONS = {'gelu': activations.gelu, 'quick_gelu': quick_gelu}
+
+
 def decode_variant(variant: str) -> dict[str, int]:
   """Decodes a variant string such as 'B/16' into model dimensions.
 
   Args:
-    variant: '<size>/<patch>' with size in SIZES ('mu', 'Ti', 'S', 'M', 'B', 'L') and a
+    variant: '<size>/<patch>' with size in SIZES ('mu', 'Ti', 'S', 'M', 'B', 'L', 'H') and a
       positive integer patch size.
 
   Returns:
@@ -141,15 +165,17 @@ class Attention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Transformer feed-forward block: fc1 -> exact GELU -> dropout -> fc2.
+  """Transformer feed-forward block: fc1 -> activation -> dropout -> fc2.
 
   Attributes:
     mlp_dim: hidden width.
     dropout: dropout rate after the activation.
+    act: a key of MLP_ACTIVATIONS ('gelu' exact erf, 'quick_gelu' as OpenAI CLIP).
     dtype: compute dtype.
   """
   mlp_dim: int
   dropout: float = 0.0
+  act: str = 'gelu'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -158,42 +184,70 @@ class MlpBlock(nn.Module):
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
     y = nn.Dense(self.mlp_dim, name='fc1', **inits)(x)
-    y = activations.gelu(y)
+    y = MLP_ACTIVATIONS[self.act](y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return nn.Dense(x.shape[-1], name='fc2', **inits)(y)
 
 
+class LayerScale(nn.Module):
+  """Per-channel scale of a residual branch (CaiT; DINOv2, open_clip `ls_init_value`).
+
+  Attributes:
+    init_value: the initial value of every channel's scale.
+  """
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Scales tokens x [B, T, D] by the parameter `scale` [D]."""
+    scale = self.param('scale', nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * scale.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + drop_attn(attn(ln_attn(x))), then likewise with the MLP.
+  """Pre-norm transformer block: x + drop_attn(ls_attn(attn(ln_attn(x)))), then the MLP alike.
 
   Each residual branch ends in its own (parameter-free) dropout module, so its output has a
-  module path of its own (`drop_attn`, `drop_mlp`).
+  module path of its own (`drop_attn`, `drop_mlp`). Without `layerscale` there are no
+  `ls_attn` / `ls_mlp` modules and the branch is x + drop_attn(attn(ln_attn(x))).
 
   Attributes:
     mlp_dim: hidden width of the MLP.
     num_heads: number of attention heads.
     dropout: dropout rate on each residual branch (and inside the MLP).
+    layerscale: initial LayerScale value, or None for no LayerScale.
+    mlp_act: a key of MLP_ACTIVATIONS.
+    ln_epsilon: LayerNorm epsilon.
     dtype: compute dtype.
   """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
+  layerscale: float | None = None
+  mlp_act: str = 'gelu'
+  ln_epsilon: float = LN_EPSILON
   dtype: Any = jnp.float32
 
   def setup(self):
-    norm = lambda name: nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name=name)
     self.ln_attn = norm('ln_attn')
     self.attn = Attention(num_heads=self.num_heads, dtype=self.dtype, name='attn')
     self.drop_attn = nn.Dropout(rate=self.dropout, name='drop_attn')
     self.ln_mlp = norm('ln_mlp')
-    self.mlp = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                        name='mlp')
+    self.mlp = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, act=self.mlp_act,
+                        dtype=self.dtype, name='mlp')
     self.drop_mlp = nn.Dropout(rate=self.dropout, name='drop_mlp')
+    if self.layerscale is not None:
+      self.ls_attn = LayerScale(self.layerscale, name='ls_attn')
+      self.ls_mlp = LayerScale(self.layerscale, name='ls_mlp')
 
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """Applies the block to tokens x of shape [B, T, D]."""
-    x = x + self.drop_attn(self.attn(self.ln_attn(x)), deterministic)
-    return x + self.drop_mlp(self.mlp(self.ln_mlp(x), deterministic), deterministic)
+    ls_attn, ls_mlp = ((self.ls_attn, self.ls_mlp) if self.layerscale is not None
+                       else (lambda y: y, lambda y: y))
+    x = x + self.drop_attn(ls_attn(self.attn(self.ln_attn(x))), deterministic)
+    return x + self.drop_mlp(ls_mlp(self.mlp(self.ln_mlp(x), deterministic)), deterministic)
 
 
 class Encoder(nn.Module):
@@ -206,6 +260,10 @@ class Encoder(nn.Module):
     dropout: dropout rate inside the blocks.
     dtype: compute dtype.
     remat: rematerialize each block in the backward pass (saves memory, costs compute).
+    layerscale: initial LayerScale value of every block, or None.
+    mlp_act: a key of MLP_ACTIVATIONS.
+    ln_epsilon: LayerNorm epsilon.
+    final_norm: end with the LayerNorm `norm` (False: the tokens leave un-normalised).
   """
   depth: int
   mlp_dim: int
@@ -213,6 +271,10 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  layerscale: float | None = None
+  mlp_act: str = 'gelu'
+  ln_epsilon: float = LN_EPSILON
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -224,22 +286,55 @@ class Encoder(nn.Module):
       block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,))
     for i in range(self.depth):
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                    dtype=self.dtype, name=f'block_{i}')(x, deterministic)
-    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name='norm')(x)
+                    layerscale=self.layerscale, mlp_act=self.mlp_act,
+                    ln_epsilon=self.ln_epsilon, dtype=self.dtype, name=f'block_{i}'
+                    )(x, deterministic)
+    if not self.final_norm:
+      return x
+    return nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name='norm')(x)
+
+
+def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+  if isinstance(grid, int):
+    return grid, grid
+  if len(grid) != 2:
+    raise ValueError(f'posemb_grid must be an int or (rows, cols), got {grid!r}.')
+  return int(grid[0]), int(grid[1])
 
 
 class Model(nn.Module):
   """ViT classifier (or feature extractor when num_classes is None or 0).
 
+  The defaults are the original ViT (big_vision / timm `vit_*_patch16_224`); the other fields
+  configure the foundation-model families (`fm_adapt.weights.zoo` sets them per model):
+  DINOv2 (layerscale, num_registers, patch 14, posemb_grid with posemb_resize='dinov2'),
+  MAE / RETFound (pool_type='gap', class_token=True, fc_norm=True), CLIP towers (pre_norm,
+  patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5, proj_dim).
+
   Attributes:
     num_classes: size of the head; None or 0 gives no head (logits = pre_logits).
     variant: '<size>/<patch>', see `decode_variant`.
-    pool_type: 'tok' (class token) or 'gap' (mean of the patch tokens).
+    pool_type: 'tok' (class token) or 'gap' (mean of the patch tokens; never cls/registers).
     posemb: 'learn' (parameter `pos_embedding`) or 'sincos2d' (fixed, no parameter).
     dropout: dropout rate after the embedding and inside the blocks.
     head_zeroinit: initialize the head kernel to zeros.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     remat: rematerialize each encoder block (nn.remat) to save activation memory.
+    class_token: whether there is a class token `cls`; None: exactly when pool_type == 'tok'.
+    num_registers: register tokens after the class token (DINOv2 with registers).
+    layerscale: initial LayerScale value (DINOv2: 1e-5; open_clip ls_init_value), or None.
+    pre_norm: LayerNorm `ln_pre` on all tokens before the encoder (CLIP).
+    patch_bias: whether the patch embedding has a bias (CLIP's has none).
+    mlp_act: 'gelu' (exact) or 'quick_gelu' (OpenAI CLIP).
+    ln_epsilon: epsilon of every LayerNorm.
+    fc_norm: normalise the pooled features with `fc_norm` instead of the tokens with
+      `encoder/norm` (timm global_pool='avg' / MAE fine-tuning).
+    proj_dim: size of the optional bias-free projection `proj` of the pooled features (CLIP's
+      image embedding); None for none.
+    posemb_grid: the (rows, cols) grid `pos_embedding` is stored at (e.g. 37 for DINOv2 at 518
+      px); None: the image's own grid (the parameter then depends on the image size).
+    posemb_resize: how `pos_embedding` is resized to the image's grid when they differ, a key
+      of `posemb_resize.METHODS`; only used with posemb_grid.
   """
   num_classes: int | None
   variant: str = 'S/16'
@@ -249,6 +344,22 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  class_token: bool | None = None
+  num_registers: int = 0
+  layerscale: float | None = None
+  pre_norm: bool = False
+  patch_bias: bool = True
+  mlp_act: str = 'gelu'
+  ln_epsilon: float = LN_EPSILON
+  fc_norm: bool = False
+  proj_dim: int | None = None
+  posemb_grid: Any = None
+  posemb_resize: str = 'bicubic_antialias'
+
+  @property
+  def has_class_token(self) -> bool:
+    """Whether the model has the class token `cls`."""
+    return self.pool_type == 'tok' if self.class_token is None else bool(self.class_token)
 
   def _check_config(self) -> None:
     """Raises on invalid field values."""
@@ -256,6 +367,19 @@ class Model(nn.Module):
       raise ValueError(f'Unknown pool_type {self.pool_type!r}; valid: {list(POOL_TYPES)}.')
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f'Unknown posemb {self.posemb!r}; valid: {list(POSEMB_TYPES)}.')
+    if self.pool_type == 'tok' and not self.has_class_token:
+      raise ValueError("pool_type='tok' pools the class token, but class_token=False; use "
+                       "pool_type='gap' or class_token=True.")
+    if self.mlp_act not in MLP_ACTIVATIONS:
+      raise ValueError(f'Unknown mlp_act {self.mlp_act!r}; valid: {list(MLP_ACTIVATIONS)}.')
+    if self.posemb_resize not in posemb_resize.METHODS:
+      raise ValueError(f'Unknown posemb_resize {self.posemb_resize!r}; valid: '
+                       f'{list(posemb_resize.METHODS)}.')
+    if self.num_registers < 0:
+      raise ValueError(f'num_registers must be >= 0, got {self.num_registers}.')
+    if self.posemb_grid is not None and self.posemb != 'learn':
+      raise ValueError("posemb_grid is the grid of a learned position embedding; it needs "
+                       f"posemb='learn', got posemb={self.posemb!r}.")
 
   def _embed(self, image: Array, patch: int, width: int) -> tuple[Array, tuple[int, int]]:
     """Patch-embeds image [B, H, W, C] into tokens [B, N, D]; returns them and the grid."""
@@ -266,7 +390,7 @@ class Model(nn.Module):
       raise ValueError(f'Image size {h}x{w} is not divisible by the patch size {patch} '
                        f'of variant {self.variant!r}.')
     x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding='VALID',
-                dtype=self.dtype, name='embedding')(image)
+                use_bias=self.patch_bias, dtype=self.dtype, name='embedding')(image)
     b, gh, gw, d = x.shape
     return x.reshape(b, gh * gw, d), (gh, gw)
 
@@ -274,8 +398,34 @@ class Model(nn.Module):
     """Position embedding [1, N, D] for a patch grid."""
     if self.posemb == 'sincos2d':
       return posemb_sincos_2d(*grid, width)
-    return self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
-                      (1, grid[0] * grid[1], width), jnp.float32)
+    stored = grid if self.posemb_grid is None else _as_grid(self.posemb_grid)
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                     (1, stored[0] * stored[1], width), jnp.float32)
+    return posemb_resize.resize(pos, stored, grid, self.posemb_resize)
+
+  def _prefix_tokens(self, batch: int, width: int) -> list[Array]:
+    """[cls?, registers?] each broadcast to [B, ., D] (float32 parameters)."""
+    tokens = []
+    if self.has_class_token:
+      tokens.append(self.param('cls', nn.initializers.zeros, (1, 1, width), jnp.float32))
+    if self.num_registers:
+      tokens.append(self.param('registers', nn.initializers.normal(stddev=0.02),
+                               (1, self.num_registers, width), jnp.float32))
+    return [jnp.broadcast_to(t, (batch, t.shape[1], width)) for t in tokens]
+
+  def _pool(self, encoded: Array, patch_tokens: Array, out: dict[str, Array]) -> Array:
+    """Pooled features (class token or patch mean; fc_norm; projection) into out."""
+    if self.pool_type == 'tok':
+      x = encoded[:, 0]
+    else:
+      x = jnp.mean(patch_tokens, axis=1)
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name='fc_norm')(x)
+    out['pooled'] = x
+    if self.proj_dim:
+      x = nn.Dense(self.proj_dim, use_bias=False, dtype=self.dtype,
+                   kernel_init=nn.initializers.lecun_normal(), name='proj')(x)
+    return x
 
   @nn.compact
   def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
@@ -287,8 +437,10 @@ class Model(nn.Module):
 
     Returns:
       (logits, out) where out holds 'stem' [B,N,D] (patch embeddings before the position
-      embedding), 'with_posemb' [B,N,D], 'encoded' [B,T,D] (all tokens after the final norm),
-      'patch_tokens' [B,N,D] (the last N of them), 'pre_logits' [B,D] and 'logits'.
+      embedding), 'with_posemb' [B,N,D], 'encoded' [B,T,D] (all tokens after the encoder,
+      normalised unless fc_norm), 'patch_tokens' [B,N,D] (the last N of them), 'pooled' [B,D]
+      (class token or patch mean, after fc_norm), 'pre_logits' (pooled, projected by `proj`
+      when proj_dim is set) and 'logits'.
     """
     self._check_config()
     cfg = decode_variant(self.variant)
@@ -297,19 +449,18 @@ class Model(nn.Module):
     num_patches = x.shape[1]
     out['stem'] = x
     x = out['with_posemb'] = x + self._posemb(grid, width).astype(x.dtype)
-    if self.pool_type == 'tok':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, width), jnp.float32)
-      cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))
-      x = jnp.concatenate([cls, x], axis=1)
+    prefix = [t.astype(x.dtype) for t in self._prefix_tokens(x.shape[0], width)]
+    x = jnp.concatenate(prefix + [x], axis=1)
     x = nn.Dropout(rate=self.dropout)(x, not train)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name='ln_pre')(x)
     encoded = out['encoded'] = Encoder(
         depth=cfg['depth'], mlp_dim=cfg['mlp_dim'], num_heads=cfg['num_heads'],
-        dropout=self.dropout, dtype=self.dtype, remat=self.remat, name='encoder')(x, not train)
+        dropout=self.dropout, dtype=self.dtype, remat=self.remat, layerscale=self.layerscale,
+        mlp_act=self.mlp_act, ln_epsilon=self.ln_epsilon, final_norm=not self.fc_norm,
+        name='encoder')(x, not train)
     patch_tokens = out['patch_tokens'] = encoded[:, -num_patches:]
-    if self.pool_type == 'tok':
-      x = out['pre_logits'] = encoded[:, 0]
-    else:
-      x = out['pre_logits'] = jnp.mean(patch_tokens, axis=1)
+    x = out['pre_logits'] = self._pool(encoded, patch_tokens, out)
     if self.num_classes:
       kernel_init = (nn.initializers.zeros if self.head_zeroinit
                      else nn.initializers.lecun_normal())

@@ -8,7 +8,7 @@ from scipy.special import erf
 
 from fm_adapt.models import vit
 
-OUT_KEYS = {'stem', 'with_posemb', 'encoded', 'patch_tokens', 'pre_logits', 'logits'}
+OUT_KEYS = {'stem', 'with_posemb', 'encoded', 'patch_tokens', 'pooled', 'pre_logits', 'logits'}
 
 
 def _num_params(tree) -> int:
