@@ -11,21 +11,22 @@ Layout in the workdir:
 A resume takes the newest kept step that reads back and passes the caller's check; newer ones
 that do not are named in a warning and moved to `corrupt/` once an older step has restored (a
 model that no longer fits is an error, never a reason to move checkpoints). Orbax's answer to
-every save is checked: memory and disk never disagree about what was saved.
+every save is checked: memory and disk never disagree about what was saved. The workdir may be
+a `gs://` URI: every path is an `etils.epath.Path`, as orbax's own.
 """
 from __future__ import annotations
 
-import pathlib
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from fm_adapt import param_paths
+from fm_adapt.train import files
 from fm_adapt.train import writer as writer_lib
 
 
@@ -76,9 +77,9 @@ def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where:
 class RunCheckpointer:
   """Saves and restores a run's train state, data-iterator state and best parameters."""
 
-  def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_metric: str | None = None,
+  def __init__(self, workdir: epath.PathLike, keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max"):
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = files.as_path(workdir)
     self._workdir = workdir
     self._latest = ocp.CheckpointManager(
         workdir / "ckpt",
@@ -111,8 +112,8 @@ class RunCheckpointer:
     return float(metrics[self.best_metric])
 
   @property
-  def directory(self) -> pathlib.Path:
-    return pathlib.Path(self._latest.directory)
+  def directory(self) -> epath.Path:
+    return epath.Path(self._latest.directory)
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
@@ -155,7 +156,7 @@ class RunCheckpointer:
     data = self._latest.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
     _check_process_count(data, where)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    per_process = (pathlib.Path(self._latest.directory) / str(step) / "iterator").is_dir()
+    per_process = (self.directory / str(step) / "iterator").is_dir()
     if iterator is not None and per_process:
       items["iterator"] = grain.checkpoint.CheckpointRestore(iterator)
     out = self._latest.restore(step, args=ocp.args.Composite(**items))
@@ -212,7 +213,7 @@ class RunCheckpointer:
       target, n = self._workdir / "corrupt" / f"ckpt_{step}_{n}", n + 1
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), str(target))
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:  # Every process sees the move before it lists the steps again.
       multihost_utils.sync_global_devices(f"fm_adapt: set aside checkpoint {step}")
     self._latest.reload()

@@ -3,6 +3,9 @@
   <workdir>/.lock         an exclusive `fcntl.flock` held while a process trains (holds its pid)
   <workdir>/config.json   the run's config, written once, when the workdir starts training
 
+A workdir is a local path or a `gs://` URI (`etils.epath`; orbax writes checkpoints to both). An
+object store has no locks: a `gs://` workdir is not locked, with a warning that says so.
+
 A resume compares the config with `config.json`. A difference that changes training is refused
 with the differing keys; the keys in `HARMLESS_KEYS` (logging, checkpoint cadence, where the
 data lives, evaluation batch size) change nothing a checkpoint depends on, and are accepted
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
-import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from etils import epath
 import ml_collections
 
 from fm_adapt import config as config_lib
@@ -39,6 +43,12 @@ HARMLESS_KEYS = ("log_every", "progress", "keep_ckpts", "checkpoint_every", "dat
 # epochs before `input.last_batch` existed).
 IMPLIED_BEFORE_KEY = {"input.last_batch": "carry"}
 
+# Packages a workdir URI's scheme needs, with what needs them: etils.epath reads and writes gs://
+# through fsspec (gcsfs; or TensorFlow's gfile when TensorFlow is installed), and orbax asks
+# google-cloud-storage about the bucket before it lists checkpoints.
+SCHEME_PACKAGES = {"gs": {"gcsfs": "etils.epath (fsspec)", "google.cloud.storage": "orbax"}}
+_PIP_NAMES = {"google.cloud.storage": "google-cloud-storage"}
+
 _held: dict[str, int] = {}  # resolved workdir -> nesting depth of this process's lock
 
 
@@ -54,31 +64,84 @@ class ConfigChanged(WorkdirError):
   """A resume with a config that differs from the workdir's `config.json`."""
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # A missing parent package ('google' for 'google.cloud.storage').
+    return False
+
+
+def missing_packages(workdir: epath.PathLike) -> dict[str, str]:
+  """The packages (pip name -> what needs it) that a workdir URI's scheme needs and lacks."""
+  scheme = os.fspath(workdir).split("://", 1)[0]
+  needed = SCHEME_PACKAGES.get(scheme, {})
+  if scheme == "gs" and _installed("tensorflow"):  # epath then uses TensorFlow's gfile.
+    needed = {k: v for k, v in needed.items() if k != "gcsfs"}
+  return {_PIP_NAMES.get(m, m): why for m, why in needed.items() if not _installed(m)}
+
+
+def check_storage(workdir: epath.PathLike) -> None:
+  """Refuses a workdir on storage a run cannot use, before anything is written.
+
+  Raises:
+    WorkdirError: a URI scheme other than gs:// (orbax writes checkpoints to local paths and
+      gs:// only), or a gs:// workdir without the packages that reach it (naming the install).
+  """
+  if files.is_local(workdir):
+    return
+  scheme = os.fspath(workdir).split("://", 1)[0]
+  if scheme not in SCHEME_PACKAGES:
+    raise WorkdirError(
+        f"The workdir {workdir} is on {scheme}://, where orbax cannot write checkpoints: use a "
+        f"local path or one of {', '.join(s + '://' for s in SCHEME_PACKAGES)}.")
+  missing = missing_packages(workdir)
+  if missing:
+    raise WorkdirError(
+        f"The workdir {workdir} needs {', '.join(f'{p} (for {w})' for p, w in missing.items())}: "
+        f"pip install {' '.join(missing)}")
+
+
 @contextlib.contextmanager
-def lock(workdir: str | os.PathLike, owner: bool = True) -> Iterator[None]:
+def lock(workdir: epath.PathLike, owner: bool = True) -> Iterator[None]:
   """Holds `<workdir>/.lock` exclusively; another process gets `WorkdirBusy` at once.
 
   Re-entrant within a process (a study locks a run's workdir, then trains it). The lock is
   released when the block ends or the process dies, so a stale `.lock` file blocks nothing.
+  A workdir on an object store (`gs://`) is not locked: `fcntl` locks exist on local
+  filesystems only; a warning says so once per outermost `lock`.
 
   Args:
     workdir: the run's directory (created).
     owner: whether this process takes the lock: process 0 only on several JAX processes, which
       share one workdir.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = files.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  key = str(workdir.resolve())
+  local = files.is_local(workdir)
+  key = os.path.realpath(workdir) if local else os.fspath(workdir)
   if not owner:
     yield
     return
-  if key in _held:
-    _held[key] += 1
-    try:
-      yield
-    finally:
-      _held[key] -= 1
-    return
+  if not local and key not in _held:
+    writer_lib.console(
+        f"Warning: {workdir} is not on a local filesystem, so it is not locked (fcntl locks "
+        "work on local disks only): make sure no other process trains this workdir.")
+  outermost = local and key not in _held
+  fd = _flock(workdir) if outermost else None
+  _held[key] = _held.get(key, 0) + 1
+  try:
+    yield
+  finally:
+    _held[key] -= 1
+    if not _held[key]:
+      del _held[key]
+    if fd is not None:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+
+
+def _flock(workdir: epath.Path) -> int:
+  """Takes `<workdir>/.lock` (a local workdir) and writes this process's pid into it."""
   path = workdir / LOCK_NAME
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -92,18 +155,12 @@ def lock(workdir: str | os.PathLike, owner: bool = True) -> Iterator[None]:
     ) from None
   os.ftruncate(fd, 0)
   os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-  _held[key] = 1
-  try:
-    yield
-  finally:
-    del _held[key]
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+  return fd
 
 
-def has_progress(workdir: str | os.PathLike) -> bool:
+def has_progress(workdir: epath.PathLike) -> bool:
   """Whether the workdir holds anything a run would resume or keep: checkpoints or results."""
-  workdir = pathlib.Path(workdir)
+  workdir = files.as_path(workdir)
   steps = [p for d in ("ckpt", "best") if (workdir / d).is_dir()
            for p in (workdir / d).iterdir() if p.name.isdigit()]
   return bool(steps) or (workdir / "results.json").exists()
@@ -160,7 +217,7 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]
   return training, harmless, defaulted
 
 
-def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+def check_config(workdir: epath.PathLike, config: ml_collections.ConfigDict,
                  allow_harmless_changes: bool = False, write: bool = True) -> None:
   """Writes `config.json` for a fresh workdir; on resume, refuses a config that differs.
 
@@ -176,7 +233,7 @@ def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
   Raises:
     ConfigChanged: listing the differing keys, and how to proceed.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = files.as_path(workdir)
   path = workdir / CONFIG_NAME
   if not path.exists() or not has_progress(workdir):
     if write:
@@ -196,7 +253,7 @@ def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
     writer_lib.console(f"Resuming with a harmless config change ({line}).")
 
 
-def _refusal(path: pathlib.Path, training: list[str], harmless: list[str]) -> str:
+def _refusal(path: epath.Path, training: list[str], harmless: list[str]) -> str:
   lines = [f"The config differs from the one this workdir was trained with ({path}):"]
   lines += [f"  {line}" for line in training]
   lines += [f"  {line}  [harmless]" for line in harmless]
