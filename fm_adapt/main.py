@@ -9,7 +9,8 @@ changes of the harmless keys (fm_adapt.train.workdir.HARMLESS_KEYS: log_every, p
 keep_ckpts, checkpoint_every, data_dir, description, input.worker_count, input.eval_batch_size)
 need --allow_harmless_changes. One process trains a workdir at a time (<workdir>/.lock).
 Results go to <workdir>/results.json, per-sample predictions to <workdir>/predictions/, metrics
-to <workdir>/metrics.jsonl and TensorBoard files to <workdir>/tb.
+to <workdir>/metrics.jsonl and TensorBoard files to <workdir>/tb. --workdir may be a gs:// URI
+(with gcsfs and google-cloud-storage installed); such a workdir is not locked (a warning says so).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ the study. Results are aggregated over seeds into `<workdir>/results.{md,csv,tex
 `--config.key=value` overrides (as in `fm_adapt.main`) apply to every run, after the sweep's
 own; a key the sweep also sets is an error. Each run's workdir is locked while the study checks
 or trains it, and a finished run is skipped only if its config.json holds the run's config
-(`fm_adapt.train.workdir.check_config`).
+(`fm_adapt.train.workdir.check_config`). The workdir may be a `gs://` URI (`etils.epath`).
 """
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from fm_adapt import process_flags
 from fm_adapt.report import tables
-from fm_adapt.train import interrupt, loop, processes, workdir as workdir_lib, writer as writer_lib
+from fm_adapt.train import files, interrupt, loop, processes
+from fm_adapt.train import workdir as workdir_lib, writer as writer_lib
 
 METRICS = tables.STUDY_METRICS
 
@@ -108,7 +110,7 @@ def _check_no_conflict(run: RunSpec, overrides: Mapping[str, Any]) -> None:
                        f"{run.dirname}: remove the override, or change the sweep.")
 
 
-def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path,
+def run_config(module: Any, arg: str | None, run: RunSpec, workdir: epath.PathLike,
                overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """The config of one run: get_config(arg), the seed, the sweep's overrides, the command line's
   `overrides` (dotted keys), then `run:` references."""
@@ -120,7 +122,7 @@ def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path
   init = config.get("model_init")
   if isinstance(init, str) and init.startswith("run:"):
     ref = init[len("run:"):]
-    matches = sorted(workdir.glob(f"{ref}-s*/export/model.npz"))
+    matches = sorted(files.as_path(workdir).glob(f"{ref}-s*/export/model.npz"))
     if not matches:
       raise FileNotFoundError(f"model_init={init!r}: run {ref!r} has no export yet; add it to "
                               "the sweep before the runs that start from it.")
@@ -128,7 +130,7 @@ def run_config(module: Any, arg: str | None, run: RunSpec, workdir: pathlib.Path
   return config
 
 
-def run_study(spec: str, workdir: str | pathlib.Path, data_dir: str | None = None,
+def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
               train: Callable[..., dict] = loop.train_and_evaluate,
               overrides: Mapping[str, Any] | None = None,
               allow_harmless_changes: bool = False) -> str:
@@ -136,14 +138,16 @@ def run_study(spec: str, workdir: str | pathlib.Path, data_dir: str | None = Non
 
   Args:
     spec: 'path/to/experiment.py[:arg]'.
-    workdir: the study's directory; run `<name>-s<seed>` trains in `<workdir>/<name>-s<seed>`.
+    workdir: the study's directory (a local path or a `gs://` URI); run `<name>-s<seed>` trains
+      in `<workdir>/<name>-s<seed>`.
     data_dir: data directory (else the config's, FM_ADAPT_DATA_DIR, the cache dir).
     train: `train(config, run_workdir, data_dir, allow_harmless_changes) -> results`.
     overrides: dotted config keys set on every run (`--config.key=value`).
     allow_harmless_changes: on resume, accept changes of `workdir.HARMLESS_KEYS`.
   """
   module, arg = load_experiment(spec)
-  workdir = pathlib.Path(workdir)
+  workdir = files.as_path(workdir)
+  workdir_lib.check_storage(workdir)
   runs = expand(module, arg)
   for run in runs:
     _check_no_conflict(run, overrides or {})

@@ -4,15 +4,16 @@ Resume order: the workdir's own checkpoint, then `config.model_init` (pretrained
 A workdir is trained by one process at a time with one config (`workdir.lock`,
 `workdir.check_config`). No state is persisted (checkpoint, best, export) unless its loss and
 parameter norm are known finite; a resume starts from the newest checkpoint that reads back.
+The workdir is a local path or a `gs://` URI: every path below it is an `etils.epath.Path`.
 """
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -48,7 +49,7 @@ def _data_state(run: build.Run) -> dict[str, Any]:
 
 def _evaluate(evaluators: Mapping[str, cls_eval.Evaluator], state: Mapping[str, Any],
               names: list[str] | None = None,
-              predictions_dir: pathlib.Path | None = None) -> dict[str, float | None]:
+              predictions_dir: epath.Path | None = None) -> dict[str, float | None]:
   out = {}
   for name, evaluator in evaluators.items():
     if names is None or name in names:
@@ -64,24 +65,28 @@ def start_processes() -> bool:
   return jax.process_index() == 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        data_dir: str | None = None, allow_harmless_changes: bool = False
                        ) -> dict[str, Any]:
   """Trains, evaluates and tests one run; returns (and writes) `results.json`.
 
   Args:
     config: the run config (see `fm_adapt.config.RUN_KEYS`).
-    workdir: the run's directory; an existing checkpoint there is resumed.
+    workdir: the run's directory (a local path or a `gs://` URI); an existing checkpoint there
+      is resumed.
     data_dir: data directory flag (else config.data_dir, FM_ADAPT_DATA_DIR, the cache dir).
     allow_harmless_changes: on resume, accept changes of `workdir.HARMLESS_KEYS`.
 
   Raises:
+    workdir.WorkdirError: a workdir on storage a run cannot use, or without the packages that
+      reach it (`workdir.check_storage`).
     workdir.WorkdirBusy: another process trains in `workdir`.
     workdir.ConfigChanged: a resume whose config differs from `<workdir>/config.json`.
     NonFiniteError: training reached a non-finite state (not saved).
   """
   config_lib.validate(config)
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = files.as_path(workdir)
+  workdir_lib.check_storage(workdir)
   first = start_processes()
   with workdir_lib.lock(workdir, owner=first):
     workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
@@ -150,7 +155,7 @@ def _check_same_base(saved: Mapping[str, str] | None, current: Mapping[str, str]
         f"{current}: the adapted weights only fit their own base. Use a fresh --workdir.")
 
 
-def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None:
+def _write_param_counts(workdir: epath.Path, state: Mapping[str, Any]) -> None:
   rows = param_paths.count_by_module(state["params"], state["frozen"])
   lines = ["| module | trainable | frozen |", "|---|---:|---:|"]
   lines += [f"| {m} | {t:,} | {f:,} |" for m, t, f in rows]
@@ -163,7 +168,7 @@ def _write_param_counts(workdir: pathlib.Path, state: Mapping[str, Any]) -> None
 
 
 def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int,
-           workdir: pathlib.Path) -> dict[str, Any]:
+           workdir: epath.Path) -> dict[str, Any]:
   """Trains steps `start + 1 .. total` (none for a finished run); returns the final state."""
   bar = tqdm.tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not config.get("progress", True) or jax.process_index() != 0)
@@ -177,8 +182,8 @@ def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int,
 
 
 def _check_finite(step: int, measurements: Mapping[str, Any], ckpt: ckpt_lib.RunCheckpointer,
-                  workdir: pathlib.Path) -> None:
-  def last_checkpoint() -> pathlib.Path | None:
+                  workdir: epath.Path) -> None:
+  def last_checkpoint() -> epath.Path | None:
     ckpt.wait()
     last = ckpt.latest_step()
     return None if last is None else ckpt.directory / str(last)
@@ -187,7 +192,7 @@ def _check_finite(step: int, measurements: Mapping[str, Any], ckpt: ckpt_lib.Run
 
 
 def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: int, bar,
-                 stop: interrupt.StopOnSignal, workdir: pathlib.Path) -> dict[str, Any]:
+                 stop: interrupt.StopOnSignal, workdir: epath.Path) -> dict[str, Any]:
   """Steps `start + 1 .. total`: log, evaluate, checkpoint; a stop request saves and raises.
 
   Every step's loss and parameter norm are checked, one step late to keep dispatch
@@ -256,8 +261,8 @@ def _evaluate_periodic(step: int, state, run, ckpt: ckpt_lib.RunCheckpointer, wr
   bar.write(f"step {step}: " + _format(metrics))
 
 
-def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any,
-                   what: str = "The exported state") -> pathlib.Path:
+def export_weights(path: epath.PathLike, state: Mapping[str, Any], adaptation: Any,
+                   what: str = "The exported state") -> epath.Path:
   """Writes one plain checkpoint of the full model (LoRA merged) in fm_adapt's `.npz` layout.
 
   Raises:
@@ -270,6 +275,7 @@ def export_weights(path: pathlib.Path, state: Mapping[str, Any], adaptation: Any
   if adaptation is not None:
     variables["params"] = adaptation.merge(variables["params"])
   finite.check_tree(variables, what)
+  path = files.as_path(path)
   if jax.process_index() == 0:
     native.save_native(path, variables)
   return path

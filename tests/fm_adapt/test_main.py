@@ -58,3 +58,11 @@ def test_second_process_on_a_workdir_exits_at_once_naming_the_holder(tmp_path, t
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_a_workdir_orbax_cannot_write_to_is_one_clear_error(tmp_path):
+  out = _main("--config", "experiments/quickstart.py:runlocal", "--workdir", "s3://bucket/run")
+  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+      "Error: The workdir s3://bucket/run is on s3://, where orbax cannot write checkpoints: use "
+      "a local path or one of gs://.")
+  assert not (REPO / "s3:").exists()
