@@ -81,6 +81,10 @@ def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[s
             where: str) -> dict[str, Any]:
   """Takes every leaf of `init` from `loaded`, except paths matching a `keep` regex.
 
+  Only the shapes and dtypes of `init` are read: its leaves may be arrays sharded across
+  processes. Kept leaves are returned as they are (the same objects); the others are numpy
+  arrays in the init's dtype.
+
   Raises:
     ValueError: listing leaves missing from `loaded`, leaves of `loaded` the model lacks, and
       shape differences (path and both shapes).
@@ -105,10 +109,12 @@ def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[s
 
 def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
                     load_cfg: Mapping[str, Any], extra_paths: Sequence[str]) -> dict[str, Any]:
-  """Overlays a pretrained checkpoint onto freshly initialized host variables.
+  """Overlays a pretrained checkpoint onto freshly initialized variables.
 
   Args:
-    variables: the initialized variables ({'params': ..., maybe 'batch_stats': ...}), numpy.
+    variables: the initialized variables ({'params': ..., maybe 'batch_stats': ...}): numpy
+      or jax arrays, possibly sharded across processes (only shapes and dtypes are read; the
+      leaves kept, dont_load and `extra_paths`, come back as the same objects).
     path: the checkpoint file.
     load_cfg: dict(name=..., dont_load=[...]) (`check_load_config`).
     extra_paths: '/'-joined params paths added by adaptation transforms (kept as initialized).

@@ -44,6 +44,25 @@ def test_model_load_picks_the_loader_by_name(tmp_path):
     pretrained.load_pretrained(init, path, dict(name="timmm"), [])
 
 
+class _ShardedElsewhere:
+  """A leaf whose value this process cannot read (a jax.Array with shards on other hosts)."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = shape, np.dtype(dtype)
+
+  def __array__(self, *args, **kwargs):
+    raise RuntimeError("spans non-addressable devices")
+
+
+def test_load_reads_only_shapes_and_dtypes_and_returns_kept_leaves_as_they_are(tmp_path):
+  path, init = _native_export(tmp_path)
+  init = jax.tree.map(lambda x: _ShardedElsewhere(x.shape, x.dtype), init)
+  out = pretrained.load_pretrained(init, path, dict(name="fm_adapt", dont_load=["head/.*"]), [])
+  assert out["params"]["head"]["kernel"] is init["params"]["head"]["kernel"]
+  np.testing.assert_array_equal(out["params"]["body"]["kernel"], np.ones((2, 2), np.float32))
+  np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], np.ones(2, np.float32))
+
+
 def test_dont_load_regex_that_matches_nothing_is_an_error(tmp_path):
   """Every loader, including those returning full variables, checks each dont_load regex."""
   path, init = _native_export(tmp_path)
