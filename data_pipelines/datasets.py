@@ -24,8 +24,12 @@ Where the TFDS dataset is built (first use only; later uses read it):
   2. else `<data_dir>/tfds` when the dataset is already built there or that place is writable;
   3. else `<cache_root>/tfds` (`$XDG_CACHE_HOME/fm_adapt/tfds` or `~/.cache/fm_adapt/tfds`), e.g.
      for a read-only shared data directory. The choice is logged.
-A directory whose mode has no write bit counts as read-only even for root. Building is not
-coordinated across processes: on several hosts, build once (one process) before training.
+A directory whose mode has no write bit counts as read-only even for root.
+
+In a multi-process job (`jax.distributed`), process 0 builds the dataset while the others wait
+(`coordination.prepare_once`, up to $FM_ADAPT_DATA_PREPARE_TIMEOUT_S, default 3600 s); they then
+read the copy process 0 built, so the TFDS directory must be shared by every host, or the
+dataset built on every host before the run (a process that does not find it says so).
 """
 from __future__ import annotations
 
@@ -36,10 +40,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from data_pipelines import coordination
 from data_pipelines import custom
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import medmnist
@@ -217,6 +223,35 @@ def _builder(make_builder, cfg: dict, data_dir: pathlib.Path | None) -> tfds.cor
   return builder
 
 
+def _prepared(builder: tfds.core.DatasetBuilder, make_builder, data_cfg: Mapping[str, Any],
+              root: pathlib.Path | None) -> tfds.core.DatasetBuilder:
+  """`builder`'s dataset, built once per job (by process 0) and found by this process.
+
+  Raises:
+    FileNotFoundError: when process 0 built the dataset but this process does not find it
+      (no shared filesystem), saying how to build it on every host.
+  """
+  was_prepared = builder.is_prepared()
+  name = f'{builder.name}/{builder.builder_config.name}/{builder.version}'
+  # Every process takes part, also where the dataset is there: process 0 always posts.
+  built_at = coordination.prepare_once(lambda: tfds_base.prepare(builder), name,
+                                       builder.data_dir)
+  if was_prepared:
+    return builder
+  # A builder made before its dataset existed has no splits: read what was built.
+  builder = make_builder(pathlib.Path(builder.data_dir).parents[2])
+  if not builder.is_prepared():
+    command = (f'python -c "from data_pipelines import datasets; datasets.get_dataset('
+               f'{dict(data_cfg)!r}, \'train\', {str(root) if root else None!r})"')
+    raise FileNotFoundError(
+        f'Process 0 built the dataset {name} in {built_at}, but process {jax.process_index()} '
+        f'does not find it in {builder.data_dir}: the TFDS directory must be one filesystem '
+        f'shared by every host (set data_cfg[\'tfds_dir\'] to a shared directory), or the '
+        f'dataset built on every host before the run (run `{command}` once on each host, or '
+        f'copy {built_at} to {builder.data_dir} there).')
+  return builder
+
+
 def _check_split(split: str, builder: tfds.core.DatasetBuilder) -> None:
   available = list(builder.info.splits)
   for part in split.split('+'):
@@ -264,12 +299,15 @@ def get_dataset(data_cfg: Mapping[str, Any], split: str,
 
   Raises:
     ValueError: for an unknown kind, unknown or missing keys, a bad file or an unknown split.
-    FileNotFoundError: when the data directory or a source is missing.
+    FileNotFoundError: when the data directory or a source is missing, or (several processes)
+      when process 0 built the dataset where this process cannot see it.
+    coordination.PrepareTimeoutError, coordination.PrepareFailedError: (several processes) when
+      process 0 did not build the dataset in time, or failed to.
   """
   kind, cfg = _checked_cfg(data_cfg)
   root = _data_dir(kind, cfg, data_dir)
-  builder = _builder(kind.make(cfg, root), cfg, root)
-  tfds_base.prepare(builder)
+  make_builder = kind.make(cfg, root)
+  builder = _prepared(_builder(make_builder, cfg, root), make_builder, data_cfg, root)
   _check_split(split, builder)
   spec = _spec(builder, cfg)
   source = ExampleSource(builder.as_data_source(split), spec.name, split,
