@@ -5,6 +5,10 @@
     params = weights.load('timm', 'vit_s16.safetensors', target_params=init, dont_load=['head/.*'])
     params = weights.load('vit_b16.npz', target_params=init)   # name detected from the keys
 
+The foundation-model layouts (DINOv2, MAE / RETFound, CLIP / BiomedCLIP towers) load
+with 'timm', 'hf_dinov2', 'open_clip' or 'hf_clip' into a ViT configured for the family;
+`fm_adapt.weights.zoo` knows that configuration for each published model.
+
 LOADERS maps a name to a function `fn(path, **kwargs)`. The EfficientNet loader
 returns dict(params=..., batch_stats=...); the ViT loaders return params (see
 `vit_import.load_vit_checkpoint` for their keyword arguments).
@@ -23,6 +27,8 @@ PickleRefusedError = readers.PickleRefusedError
 CheckpointMismatchError = vit_import.CheckpointMismatchError
 load_efficientnet_lite0 = efficientnet_lite.load_efficientnet_lite0
 load_vit_checkpoint = vit_import.load_vit_checkpoint
+import_vit = vit_import.import_vit
+ImportReport = vit_import.ImportReport
 resample_posemb = vit_import.resample_posemb
 
 LOADERS: dict[str, Callable[..., Any]] = {
@@ -33,6 +39,9 @@ LOADERS: dict[str, Callable[..., Any]] = {
     'timm': functools.partial(vit_import.load_vit_checkpoint, format='timm'),
     'hf': functools.partial(vit_import.load_vit_checkpoint, format='hf'),
     'pth': functools.partial(vit_import.load_vit_checkpoint, format='pth'),
+    'hf_dinov2': functools.partial(vit_import.load_vit_checkpoint, format='hf_dinov2'),
+    'open_clip': functools.partial(vit_import.load_vit_checkpoint, format='open_clip'),
+    'hf_clip': functools.partial(vit_import.load_vit_checkpoint, format='hf_clip'),
 }
 
 

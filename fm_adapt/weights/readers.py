@@ -65,8 +65,20 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
   if ext in NPZ_SUFFIXES:
     return _read_npz(path)
   if ext in SAFETENSORS_SUFFIXES:
-    return safetensors.numpy.load_file(str(path))
+    try:
+      return safetensors.numpy.load_file(str(path))
+    except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError, ...
+      raise _unreadable(path, e) from None
   return _read_torch(path)
+
+
+def _unreadable(path: pathlib.Path, error: Exception) -> ValueError:
+  """The error for a file that is cut short or not what its extension says."""
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return ValueError(
+      f'{path}: not a readable {suffix(path)} checkpoint ({first_line}); '
+      f'{path.stat().st_size} bytes. Is the download complete? Compare its size and '
+      'checksum with the published file, or fetch it again.')
 
 
 def list_keys(path: PathLike) -> list[str]:
@@ -77,8 +89,11 @@ def list_keys(path: PathLike) -> list[str]:
     with _open_npz(path) as npz:
       return list(npz.files)
   if ext in SAFETENSORS_SUFFIXES and path.is_file():
-    with safetensors.safe_open(str(path), framework='numpy') as f:
-      return list(f.keys())
+    try:
+      with safetensors.safe_open(str(path), framework='numpy') as f:
+        return list(f.keys())
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(path, e) from None
   return list(read_arrays(path))
 
 
@@ -139,6 +154,8 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         f'{path}: holds Python objects beyond tensors, so it loads only with full '
         f'pickle (torch.load weights_only=True said: {first_line}). '
         f'{_CONVERT_HINT}') from None
+  except (RuntimeError, EOFError, OSError) as e:  # A cut-short zip archive, or not one.
+    raise _unreadable(path, e) from None
   state = _find_state_dict(obj, path, torch)
   return {name: _tensor_to_numpy(tensor, torch) for name, tensor in state.items()}
 

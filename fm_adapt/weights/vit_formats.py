@@ -12,12 +12,20 @@ Layouts handled:
               [1, N, D] or 'Transformer/posembed_input/pos_embedding' [1, 1+N, D];
               also scanned encoders ('Transformer/encoderblock/...' stacked on axis 0).
   timm        state dict of timm's VisionTransformer: fused 'attn.qkv' [3D, D],
-              PyTorch layouts (Linear (out, in), Conv2d OIHW).
+              PyTorch layouts (Linear (out, in), Conv2d OIHW). Also its foundation-model
+              options: LayerScale 'ls{1,2}.gamma', registers 'reg_token' (timm) or
+              'register_tokens' (facebookresearch/dinov2 hub files, otherwise timm's names),
+              'fc_norm' (global_pool='avg', MAE / RETFound), 'norm_pre' (pre_norm). MAE
+              pretraining files also hold the decoder and 'mask_token': reported as ignored.
   hf          state dict of transformers' ViTModel / ViTForImageClassification
               (keys with or without the 'vit.' prefix).
 
-Our model gives the class token no position embedding; a checkpoint that has one
-([1, 1+N, D]) is folded exactly: cls = cls + pos[:, :1], pos_embedding = pos[:, 1:].
+Our model gives the class token and the registers no position embedding; a checkpoint
+that has rows for them ([1, 1+N, D] or [1, 1+R+N, D]) is folded exactly:
+cls = cls + pos[:, :1], registers = registers + pos[:, 1:1+R], pos_embedding = the rest.
+
+Keys a layout knows to be no part of the image encoder (a CLIP text tower, an MAE decoder,
+a masked-modelling token) are `ignored` with the reason, and reported, never silently dropped.
 """
 import dataclasses
 import math
@@ -27,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 CLS = 'cls'
+REGISTERS = 'registers'
 POSEMB = 'pos_embedding'
 
 
@@ -38,10 +47,12 @@ class Converted:
     params: '/'-joined fm_adapt path -> array in Flax layout.
     sources: fm_adapt path -> the checkpoint key(s) and shape(s) it came from.
     leftovers: checkpoint key -> shape, for keys that no rule used.
+    ignored: checkpoint key -> why the layout leaves it out (not part of the image encoder).
   """
   params: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   leftovers: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  ignored: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def put(self, path: str, value: np.ndarray, source: str) -> None:
     """Stores one converted array; two keys mapping to one path is an error."""
@@ -81,34 +92,59 @@ def has_posemb_prefix(length: int, num_patches: int | None) -> bool:
   return _is_square(length - 1) and not _is_square(length)
 
 
+def _prefix_rows(length: int, num_patches: int | None, num_registers: int) -> int:
+  """How many leading rows of a position embedding belong to the class token / registers."""
+  if num_patches is not None and length - num_patches in (0, 1, 1 + num_registers):
+    return length - num_patches
+  if has_posemb_prefix(length, num_patches):
+    return 1
+  if num_registers and _is_square(length - 1 - num_registers) and not _is_square(length):
+    return 1 + num_registers
+  return 0
+
+
+def _fold_into(out: Converted, path: str, rows: np.ndarray, what: str) -> None:
+  token = out.params[path]
+  out.params[path] = (token.astype(np.float32) + rows.astype(np.float32)).astype(token.dtype)
+  out.sources[path] += f' + {what} of {out.sources[POSEMB]}'
+
+
 def fold_cls_posemb(out: Converted, num_patches: int | None) -> None:
-  """Folds a class-token position row into `cls` (exactly equivalent)."""
+  """Folds class-token (and register) position rows into `cls` (`registers`); exact."""
   if POSEMB not in out.params:
     return
   pos = out.params[POSEMB]
-  if pos.ndim != 3 or not has_posemb_prefix(pos.shape[1], num_patches):
+  if pos.ndim != 3:
+    return
+  num_registers = out.params[REGISTERS].shape[1] if REGISTERS in out.params else 0
+  prefix = _prefix_rows(pos.shape[1], num_patches, num_registers)
+  if not prefix:
     return
   if CLS not in out.params:
     raise ValueError(
         f'The position embedding {out.sources[POSEMB]} has a class-token row but the '
         'checkpoint has no class token to fold it into.')
-  cls = out.params[CLS]
-  out.params[CLS] = (cls.astype(np.float32) + pos[:, :1].astype(np.float32)
-                     ).astype(cls.dtype)
-  out.params[POSEMB] = pos[:, 1:]
-  out.sources[CLS] += f' + row 0 of {out.sources[POSEMB]}'
-  out.sources[POSEMB] += ' rows 1:'
+  _fold_into(out, CLS, pos[:, :1], 'row 0')
+  if prefix > 1:
+    _fold_into(out, REGISTERS, pos[:, 1:prefix], f'rows 1:{prefix}')
+  out.params[POSEMB] = pos[:, prefix:]
+  out.sources[POSEMB] += f' rows {prefix}:'
 
 
 def _convert_by_rules(arrays: dict[str, np.ndarray],
-                      rules: list[tuple[re.Pattern, Callable[..., list]]]
-                      ) -> Converted:
+                      rules: list[tuple[re.Pattern, Callable[..., list]]],
+                      ignore: list[tuple[re.Pattern, str]] = ()) -> Converted:
   """Applies the first matching rule to each key; unmatched keys are leftovers.
 
-  A rule is (regex, fn); fn(value, *groups) returns [(path, array), ...].
+  A rule is (regex, fn); fn(value, *groups) returns [(path, array), ...]. A key matching an
+  `ignore` (regex, reason) pair and no rule is recorded as ignored with the reason.
   """
   out = Converted()
   for key, value in arrays.items():
+    reason = next((why for pattern, why in ignore if pattern.fullmatch(key)), None)
+    if reason is not None:
+      out.ignored[key] = reason
+      continue
     for pattern, fn in rules:
       match = pattern.fullmatch(key)
       if match:
@@ -158,8 +194,12 @@ def _split_qkv(value: np.ndarray, index: str, kind: str) -> list:
 _BLOCK = 'encoder/block_{0}'
 _TIMM_RULES = [
     _rule(r'cls_token', _as_is(CLS)),
+    _rule(r'(?:reg_token|register_tokens)', _as_is(REGISTERS)),
     _rule(r'pos_embed', _as_is(POSEMB)),
     _rule(r'patch_embed\.proj\.(weight|bias)', _to('embedding')),
+    _rule(r'norm_pre\.(weight|bias)', _to('ln_pre')),
+    _rule(r'blocks\.(\d+)\.ls1\.gamma', _as_is(_BLOCK + '/ls_attn/scale')),
+    _rule(r'blocks\.(\d+)\.ls2\.gamma', _as_is(_BLOCK + '/ls_mlp/scale')),
     _rule(r'blocks\.(\d+)\.norm1\.(weight|bias)', _to(_BLOCK + '/ln_attn')),
     _rule(r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', _split_qkv),
     _rule(r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', _to(_BLOCK + '/attn/out')),
@@ -167,7 +207,14 @@ _TIMM_RULES = [
     _rule(r'blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)',
           lambda v, i, fc, kind: _to(_BLOCK + f'/mlp/{fc}')(v, i, kind)),
     _rule(r'norm\.(weight|bias)', _to('encoder/norm')),
+    _rule(r'fc_norm\.(weight|bias)', _to('fc_norm')),
     _rule(r'head\.(weight|bias)', _to('head')),
+]
+MAE_DECODER = 'the MAE pretraining decoder, no part of the encoder'
+MASK_TOKEN = 'the masked-image-modelling token of pretraining, unused by the encoder'
+_TIMM_IGNORE = [
+    (re.compile(r'decoder_.*'), MAE_DECODER),
+    (re.compile(r'mask_token'), MASK_TOKEN),
 ]
 
 _HF_LAYER = r'(?:vit\.)?encoder\.layer\.(\d+)\.'
@@ -268,7 +315,7 @@ def from_timm(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
               num_patches: int | None = None) -> Converted:
   """Converts a timm VisionTransformer state dict (num_heads is not needed)."""
   del num_heads
-  out = _convert_by_rules(arrays, _TIMM_RULES)
+  out = _convert_by_rules(arrays, _TIMM_RULES, _TIMM_IGNORE)
   fold_cls_posemb(out, num_patches)
   return out
 

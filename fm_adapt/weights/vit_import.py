@@ -3,13 +3,19 @@
     params = load_vit_checkpoint('vit_s16.safetensors', target_params=init_params,
                                  dont_load=['head/.*'])
 
-reads the file (never unpickling), converts names and layouts (`vit_formats`),
-resamples the position embedding to the target's patch grid, takes the
+reads the file (never unpickling), converts names and layouts (`vit_formats`,
+`fm_layouts`), resamples the position embedding to the target's patch grid, takes the
 parameters matched by `dont_load` from `target_params`, and checks the result
 strictly against `target_params`: any missing or unexpected parameter and any
 shape difference is reported in one error naming the paths, the checkpoint keys
 and both shapes (cf. orbax#2972, a checkpoint silently loaded into a deeper model).
+
+`import_vit` does the same and also returns an `ImportReport`: every parameter loaded and
+the key it came from, every checkpoint key left out and why (ignored by the layout, or
+dropped by dont_load), every parameter that kept its initialisation; with strict=False the
+missing and unexpected entries are reported instead of raised.
 """
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -21,15 +27,81 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_adapt import param_paths
+from fm_adapt.weights import fm_layouts
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_formats
 
-FORMATS = ('auto', 'big_vision', 'timm', 'hf', 'pth')
+FORMATS = ('auto', 'big_vision', 'timm', 'hf', 'pth', 'hf_dinov2', 'open_clip', 'hf_clip')
+CONVERTERS = {**vit_formats.CONVERTERS, **fm_layouts.CONVERTERS}
 Grid = int | tuple[int, int]
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the target parameter tree."""
+
+
+@dataclasses.dataclass
+class ImportReport:
+  """What an import did with every checkpoint key and every model parameter.
+
+  Attributes:
+    path: the checkpoint file.
+    layout: the converter used ('timm', 'hf_dinov2', 'open_clip', ...).
+    loaded: fm_adapt path -> the checkpoint key(s) it came from (with any folding).
+    ignored: checkpoint key -> why the layout leaves it out (text tower, MAE decoder, ...).
+    dropped: checkpoint keys or paths that `dont_load` dropped.
+    kept_init: fm_adapt paths that kept the target's initialisation (dont_load, or missing
+      with strict=False).
+    problems: missing / unexpected / shape-mismatch entries (an error when strict).
+  """
+  path: str
+  layout: str
+  loaded: dict[str, str] = dataclasses.field(default_factory=dict)
+  ignored: dict[str, str] = dataclasses.field(default_factory=dict)
+  dropped: list[str] = dataclasses.field(default_factory=list)
+  kept_init: list[str] = dataclasses.field(default_factory=list)
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    """A multi-line account, one line per key left out or parameter not loaded."""
+    lines = [f'{self.path} ({self.layout} layout): {len(self.loaded)} parameter(s) loaded.']
+    lines += [f'  ignored: {key} ({why})' for key, why in sorted(self.ignored.items())]
+    lines += [f'  dropped by dont_load: {key}' for key in self.dropped]
+    lines += [f'  kept its initialisation: {p}' for p in self.kept_init]
+    lines += [f'  {problem}' for problem in self.problems]
+    return '\n'.join(lines)
+
+
+def import_vit(path: readers.PathLike, *,
+               format: str = 'auto',  # pylint: disable=redefined-builtin
+               dont_load: Sequence[str] = (),
+               target_params: Mapping[str, Any] | None = None,
+               num_heads: int | None = None,
+               strict: bool = True) -> tuple[dict[str, Any], ImportReport]:
+  """Like `load_vit_checkpoint`, and returns (params, ImportReport).
+
+  Args:
+    path, format, dont_load, target_params, num_heads: see `load_vit_checkpoint`; format
+      may also be 'hf_dinov2', 'open_clip' or 'hf_clip' (`fm_layouts`).
+    strict: raise `CheckpointMismatchError` on any missing or unexpected parameter and any
+      shape mismatch (default). With False, a parameter missing from the checkpoint keeps the
+      target's value, unexpected keys are left out, and both are listed in the report's
+      `problems`; shape mismatches are still an error.
+  """
+  if format not in FORMATS:
+    raise ValueError(f'Unknown ViT checkpoint format {format!r}; valid: {list(FORMATS)}.')
+  arrays = readers.read_arrays(path)
+  layout = _layout(path, format, list(arrays))
+  target = _flatten_target(target_params)
+  num_patches = target[vit_formats.POSEMB].shape[1] if vit_formats.POSEMB in target else None
+  converted = CONVERTERS[layout](arrays, num_heads=num_heads, num_patches=num_patches)
+  if not converted.params:
+    raise ValueError(f'{path}: no key of a {layout} ViT checkpoint found; first keys: '
+                     f'{list(arrays)[:8]}. Pick another `format`.')
+  report = ImportReport(path=str(path), layout=layout, ignored=dict(converted.ignored))
+  params = _merge(path, converted, target_params is not None, target, dont_load, report,
+                  strict)
+  return params, report
 
 
 def load_vit_checkpoint(path: readers.PathLike, *,
@@ -41,8 +113,11 @@ def load_vit_checkpoint(path: readers.PathLike, *,
 
   Args:
     path: a `.npz`, `.safetensors` or (with torch) `.pth`/`.pt`/`.bin` file.
-    format: 'big_vision' (.npz of big_vision / vision_transformer), 'timm',
-      'hf' (Hugging Face ViT), 'pth' (a timm state dict saved by torch), or
+    format: 'big_vision' (.npz of big_vision / vision_transformer), 'timm'
+      (also DINOv2 / MAE / RETFound in timm's or facebookresearch's names),
+      'hf' (Hugging Face ViT), 'pth' (a timm state dict saved by torch),
+      'hf_dinov2' (Hugging Face Dinov2Model, RAD-DINO), 'open_clip' (an open_clip
+      image tower or whole CLIP, BiomedCLIP), 'hf_clip' (Hugging Face CLIP), or
       'auto' to tell the layout from the key names.
     dont_load: regexes (full match) over '/'-joined paths. Parameters they match
       are taken from `target_params` (e.g. 'head/.*' for a new head); checkpoint
@@ -67,18 +142,8 @@ def load_vit_checkpoint(path: readers.PathLike, *,
     ValueError: an unknown format, a layout that cannot be detected, a
       `dont_load` pattern that matches nothing.
   """
-  if format not in FORMATS:
-    raise ValueError(f'Unknown ViT checkpoint format {format!r}; valid: {list(FORMATS)}.')
-  arrays = readers.read_arrays(path)
-  layout = _layout(path, format, list(arrays))
-  target = _flatten_target(target_params)
-  num_patches = target[vit_formats.POSEMB].shape[1] if vit_formats.POSEMB in target else None
-  converted = vit_formats.CONVERTERS[layout](arrays, num_heads=num_heads,
-                                             num_patches=num_patches)
-  if not converted.params:
-    raise ValueError(f'{path}: no key of a {layout} ViT checkpoint found; first keys: '
-                     f'{list(arrays)[:8]}. Pick another `format`.')
-  return _merge(path, converted, target_params is not None, target, dont_load)
+  return import_vit(path, format=format, dont_load=dont_load, target_params=target_params,
+                    num_heads=num_heads)[0]
 
 
 def resample_posemb(posemb: Any, new_grid: Grid, *,
@@ -128,7 +193,7 @@ def _layout(path: readers.PathLike, fmt: str, keys: list[str]) -> str:
     return 'timm'
   if fmt != 'auto':
     return fmt
-  layout = vit_formats.detect_layout(keys)
+  layout = fm_layouts.detect_layout(keys) or vit_formats.detect_layout(keys)
   if layout is None:
     raise ValueError(
         f'{path}: cannot tell the ViT checkpoint layout ({readers.suffix(path)} file, '
@@ -161,39 +226,51 @@ class _Patterns:
 
 
 def _merge(path: readers.PathLike, converted: vit_formats.Converted, has_target: bool,
-           target: dict[str, Any], dont_load: Sequence[str]) -> dict[str, Any]:
+           target: dict[str, Any], dont_load: Sequence[str], report: ImportReport,
+           strict: bool = True) -> dict[str, Any]:
   """Applies dont_load, fits the target (if any), raises on problems, unflattens."""
   skip = _Patterns(dont_load)
   leftovers = {k: s for k, s in converted.leftovers.items() if not skip(k)}
   params = {p: v for p, v in converted.params.items() if not skip(p)}
+  report.dropped = sorted({k for k in converted.leftovers if skip(k)}
+                          | {p for p in converted.params if skip(p)})
   problems = [f'unexpected: checkpoint key {key!r} {shape} (no fm_adapt parameter '
               'for it; drop it with dont_load)' for key, shape in sorted(leftovers.items())]
   result = params
   if has_target:
-    result, target_problems = _fill_target(target, params, converted.sources, skip)
+    result, target_problems = _fill_target(target, params, converted.sources, skip, report,
+                                           strict)
     problems += target_problems
   skip.check_all_used(sorted(set(converted.params) | set(converted.leftovers)
                              | set(target)))
-  if problems:
+  report.loaded = {p: converted.sources[p] for p in result if p in params}
+  report.problems = problems
+  if problems and (strict or any(p.startswith('shape mismatch') for p in problems)):
     raise CheckpointMismatchError(
-        f'{path} does not fit the ViT parameters ({len(problems)} problem(s)):\n  '
-        + '\n  '.join(problems))
+        f'{path} ({report.layout} layout) does not fit the ViT parameters '
+        f'({len(problems)} problem(s)):\n  ' + '\n  '.join(problems))
+  if not strict:
+    result = {p: v for p, v in result.items() if not has_target or p in target}
   return flax.traverse_util.unflatten_dict(result, sep='/')
 
 
 def _fill_target(target: dict[str, Any], params: dict[str, np.ndarray],
-                 sources: dict[str, str], skip: _Patterns
-                 ) -> tuple[dict[str, Any], list[str]]:
+                 sources: dict[str, str], skip: _Patterns, report: ImportReport,
+                 strict: bool) -> tuple[dict[str, Any], list[str]]:
   """Each target path from dont_load (target value) or the checkpoint; problems."""
   result, problems = {}, []
   for p, init in target.items():
     if skip(p):
       result[p] = _target_value(p, init)
+      report.kept_init.append(p)
     elif p in params:
       result[p], problem = _fit(p, params[p], init, sources[p])
       problems += [problem] if problem else []
     else:
       problems.append(f'missing: {p} {tuple(init.shape)} is not in the checkpoint')
+      if not strict:
+        result[p] = _target_value(p, init)
+        report.kept_init.append(p)
   problems += [f'unexpected: {p} from {sources[p]} (not in the model)'
                for p in sorted(set(params) - set(target))]
   return result, problems

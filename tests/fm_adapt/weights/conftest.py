@@ -14,6 +14,9 @@ ViTForImageClassification, big_vision's vit.py and vision_transformer's
 models_vit.py (old flax auto-names: MultiHeadDotProductAttention_1, LayerNorm_2,
 MlpBlock_3; class-token position row inside Transformer/posembed_input).
 """
+import importlib.abc
+import importlib.machinery
+import sys
 import types
 
 import flax.traverse_util
@@ -215,3 +218,85 @@ def lite0_state_dict(lite0_variables) -> dict[str, np.ndarray]:
   real checkpoint's key names and shapes: checked against it in
   test_efficientnet_lite_weights.py)."""
   return to_efficientnet_lite(lite0_variables)
+
+
+# --- The reference libraries of the foundation-model oracles (timm, open_clip, transformers).
+#
+# timm and open_clip import torchvision at import time (transforms, FrozenBatchNorm2d), but the
+# ViT forward passes the oracles run never call it. PyPI has no CPU build of torchvision for
+# torch 2.13.0+cpu: its wheel links libtorch_cuda and fails to import beside CPU torch
+# ("operator torchvision::nms does not exist"). When torchvision is absent or fails to import,
+# a stand-in takes its place whose every class raises when used, so an oracle that did touch
+# torchvision would fail loudly instead of passing. With a working torchvision, nothing changes.
+
+_STAND_IN_VERSION = '0.0+fm_adapt.stand.in'
+
+
+class _Unavailable(type):
+  """A torchvision name: attribute access gives more names, any call raises."""
+
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _unavailable(f'{cls.__qualname__}.{name}')
+
+  def __call__(cls, *args, **kwargs):
+    raise RuntimeError(f'{cls.__qualname__} was called, but torchvision is a stand-in here '
+                       '(tests/fm_adapt/weights/conftest.py): the oracle must not use it.')
+
+
+def _unavailable(name: str) -> type:
+  return _Unavailable(name, (), {'__qualname__': name})
+
+
+class _StandInModule(types.ModuleType):
+
+  def __getattr__(self, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    value = sys.modules.get(f'{self.__name__}.{name}') or _unavailable(f'{self.__name__}.{name}')
+    setattr(self, name, value)
+    return value
+
+
+class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Serves `torchvision` and every `torchvision.*` module as a `_StandInModule`."""
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname == 'torchvision' or fullname.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = _StandInModule(spec.name)
+    module.__path__ = []
+    module.__version__ = _STAND_IN_VERSION
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+def _ensure_torchvision_importable() -> None:
+  if any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
+    return
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception:  # pylint: disable=broad-except
+    for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+      del sys.modules[name]
+    sys.meta_path.insert(0, _TorchvisionStandIn())
+
+
+def import_reference(name: str) -> types.ModuleType:
+  """Imports a reference library (timm, open_clip, transformers), or skips the test."""
+  pytest.importorskip('torch', reason='the oracle tests need PyTorch: pip install -e ".[test]"')
+  _ensure_torchvision_importable()
+  return pytest.importorskip(
+      name, reason=f'{name} is the oracle of this test: pip install -e ".[test]"')
+
+
+@pytest.fixture(scope='session')
+def reference() -> types.SimpleNamespace:
+  """`reference.load(name)` imports timm / open_clip / transformers or skips the test."""
+  return types.SimpleNamespace(load=import_reference)
