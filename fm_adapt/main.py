@@ -14,7 +14,6 @@ to <workdir>/metrics.jsonl and TensorBoard files to <workdir>/tb. --workdir may 
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags, logging
@@ -23,7 +22,6 @@ from ml_collections import config_flags
 from fm_adapt import process_flags
 from fm_adapt.train import interrupt
 from fm_adapt.train import loop
-from fm_adapt.train import processes
 from fm_adapt.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and argument.",
@@ -57,8 +55,8 @@ def main(argv) -> None:
                                       _ALLOW_HARMLESS.value)
   except KeyboardInterrupt as error:  # interrupt.Stopped too: its checkpoint is saved.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
-  except (*loop.REFUSALS, processes.JoinError) as error:
-    sys.exit(f"Error: {error}")
+  except loop.REFUSALS as error:
+    interrupt.exit_with_error(error)
   logging.info("Results: %s", results)
   print(format_results(results) + f" time={time.perf_counter() - start:.1f}s", flush=True)
 

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import pathlib
 import re
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ from ml_collections import config_flags
 
 from fm_adapt import process_flags
 from fm_adapt.report import tables
-from fm_adapt.train import files, interrupt, loop, processes
+from fm_adapt.train import files, interrupt, loop
 from fm_adapt.train import workdir as workdir_lib, writer as writer_lib
 
 METRICS = tables.STUDY_METRICS
@@ -201,8 +200,8 @@ def main(argv) -> None:
                       allow_harmless_changes=_ALLOW_HARMLESS.value)
   except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
-  except (*loop.REFUSALS, processes.JoinError) as error:
-    sys.exit(f"Error: {error}")
+  except loop.REFUSALS as error:
+    interrupt.exit_with_error(error)
   print(table, flush=True)
 
 

@@ -94,3 +94,16 @@ def exit_with_resume_hint(error: KeyboardInterrupt, workdir: str) -> NoReturn:
   print("\n" + message, file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(status)
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+  """Ends a command on an error whose message says what to do: one line, status 1.
+
+  A process of a multi-process job exits at once (without JAX's shutdown, which would wait
+  for the other processes that may still be running or gone).
+  """
+  print(f"Error: {error}", file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    sys.stdout.flush()
+    os._exit(1)
+  sys.exit(1)

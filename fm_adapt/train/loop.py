@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from data_pipelines import coordination
 from fm_adapt import config as config_lib
 from fm_adapt import param_paths
 from fm_adapt.weights import native
@@ -29,6 +30,7 @@ from fm_adapt.train import files
 from fm_adapt.train import finite
 from fm_adapt.train import interrupt
 from fm_adapt.train import mesh as mesh_lib
+from fm_adapt.train import processes
 from fm_adapt.train import build
 from fm_adapt.train import state as state_lib
 from fm_adapt.train import step as step_lib
@@ -39,7 +41,8 @@ NonFiniteError = finite.NonFiniteError
 # Errors whose message says what happened and what to do: the command line prints them without
 # a traceback.
 REFUSALS = (workdir_lib.WorkdirError, finite.NonFiniteError, ckpt_lib.CheckpointError,
-            ckpt_lib.IncompatibleCheckpoint)
+            ckpt_lib.IncompatibleCheckpoint, processes.JoinError,
+            coordination.PrepareTimeoutError, coordination.PrepareFailedError)
 
 
 def _data_state(run: build.Run) -> dict[str, Any]:

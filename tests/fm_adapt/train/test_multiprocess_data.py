@@ -90,8 +90,10 @@ def test_waiting_for_a_dataset_process_0_never_builds_times_out_naming_it(
   """))
   process_group.start("fm_adapt.main", ["--config", str(config), "--workdir",
                                         str(tmp_path / "run"), *RUN_FLAGS])
-  log = _error_of(process_group, 1, "PrepareTimeoutError: Process 1 of 2 waited 3 s for "
+  log = _error_of(process_group, 1, "Error: Process 1 of 2 waited 3 s for "
                   "process 0 to prepare the dataset")
+  assert process_group.procs[1].wait(timeout=60) == 1  # At once: one line, no traceback.
+  assert "Traceback" not in process_group.log(1)
   name = pathlib.Path(other).stem
   assert f"(read here from {tmp_path / 'tfds'}/" in log and name in log
   assert "FM_ADAPT_DATA_PREPARE_TIMEOUT_S=<seconds>" in log
@@ -108,7 +110,8 @@ def test_a_failed_build_on_process_0_is_reported_by_the_processes_waiting_for_it
   """))
   process_group.start("fm_adapt.main", ["--config", str(config), "--workdir",
                                         str(tmp_path / "run"), *RUN_FLAGS])
-  log = _error_of(process_group, 1, "PrepareFailedError: Process 0 failed to prepare the "
+  log = _error_of(process_group, 1, "Error: Process 0 failed to prepare the "
                   "dataset custom_npz/synthetic_binary_")
+  assert process_group.procs[1].wait(timeout=60) == 1
   assert f"that process 1 waited for (to read from {tmp_path / 'tfds'}/" in log, log[-3000:]
-  assert str(blocker) in log.split("PrepareFailedError:")[-1]
+  assert str(blocker) in log.split("Error: Process 0 failed")[-1]
