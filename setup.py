@@ -32,6 +32,9 @@ setuptools.setup(
         # Reading .pth checkpoints. torch.load(weights_only=True) before 2.6 can run code from a
         # crafted file (CVE-2025-32434); fm_adapt.weights.readers refuses such a torch.
         "torch": ["torch>=2.6,<3"],
+        # Workdirs and data on gs:// (etils.epath via gcsfs; orbax asks google-cloud-storage
+        # about the bucket, tensorboardX writes events through it).
+        "gcs": ["gcsfs>=2024.6", "google-cloud-storage>=2.14,<4"],
         # The PyTorch oracles of the tests (ResNet vs torchvision-style models, .pth reading; the
         # foundation-model importers against timm, open_clip and transformers at random
         # initialisation): exact pins, the CPU torch CI installs (a looser range can pull a
