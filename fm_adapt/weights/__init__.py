@@ -22,6 +22,7 @@ from fm_adapt.weights import efficientnet_lite
 from fm_adapt.weights import native
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_import
+from fm_adapt.weights import zoo  # pylint: disable=unused-import  # weights.zoo: the catalogue.
 
 PickleRefusedError = readers.PickleRefusedError
 CheckpointMismatchError = vit_import.CheckpointMismatchError
