@@ -6,7 +6,8 @@
     params = weights.load('vit_b16.npz', target_params=init)   # name detected from the keys
 
 The foundation-model layouts (DINOv2, MAE / RETFound, CLIP / BiomedCLIP towers) load
-with 'timm', 'hf_dinov2', 'open_clip' or 'hf_clip' into a ViT configured for the family;
+with 'timm', 'retfound', 'hf_dinov2', 'open_clip' or 'hf_clip' into a ViT configured for the
+family;
 `fm_adapt.weights.zoo` knows that configuration for each published model.
 
 LOADERS maps a name to a function `fn(path, **kwargs)`. The EfficientNet loader
@@ -43,6 +44,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     'hf_dinov2': functools.partial(vit_import.load_vit_checkpoint, format='hf_dinov2'),
     'open_clip': functools.partial(vit_import.load_vit_checkpoint, format='open_clip'),
     'hf_clip': functools.partial(vit_import.load_vit_checkpoint, format='hf_clip'),
+    'retfound': functools.partial(vit_import.load_vit_checkpoint, format='retfound'),
 }
 
 

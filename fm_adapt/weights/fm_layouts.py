@@ -15,6 +15,10 @@ them) is `vit_formats.from_timm`.
              ls_{1,2}.gamma, ln_post, proj [D, P] used as x @ proj), or a `TimmModel` tower
              (BiomedCLIP: 'trunk.' holds a timm ViT, 'head.proj.weight' the bias-free
              projection).
+  retfound   timm's layout as MAE / RETFound pretraining saves it, read into a global-pool
+             model with `fc_norm` as RETFound fine-tunes it: the encoder's final 'norm' is
+             ignored (reported), fc_norm starts fresh (dont_load it), as RETFound's
+             main_finetune.py does (its load_state_dict(strict=False) drops 'norm' silently).
   hf_clip    transformers' `CLIPVisionModel` / `CLIPVisionModelWithProjection` / `CLIPModel`
              ('vision_model.' keys; 'pre_layrnorm' [sic]; q/k/v/out_proj; post_layernorm;
              'visual_projection.weight'); text keys are ignored.
@@ -134,6 +138,20 @@ def from_open_clip(arrays: dict[str, np.ndarray], *, num_heads: int | None = Non
   return out
 
 
+MAE_FINAL_NORM = ("the MAE encoder's final norm; RETFound's global-pool model replaces it "
+                  'with a freshly initialised fc_norm')
+
+
+def from_retfound(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
+                  num_patches: int | None = None) -> vf.Converted:
+  """timm / MAE keys for a global-pool + fc_norm model; the final 'norm' is ignored."""
+  del num_heads
+  ignore = [(re.compile(r'norm\.(weight|bias)'), MAE_FINAL_NORM)] + vf._TIMM_IGNORE  # pylint: disable=protected-access
+  out = vf._convert_by_rules(arrays, vf._TIMM_RULES, ignore)  # pylint: disable=protected-access
+  vf.fold_cls_posemb(out, num_patches)
+  return out
+
+
 def from_hf_clip(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
                  num_patches: int | None = None) -> vf.Converted:
   """Converts a transformers CLIPVisionModel(WithProjection) / CLIPModel state dict."""
@@ -147,6 +165,7 @@ CONVERTERS = {
     'hf_dinov2': from_hf_dinov2,
     'open_clip': from_open_clip,
     'hf_clip': from_hf_clip,
+    'retfound': from_retfound,
 }
 
 

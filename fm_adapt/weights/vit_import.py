@@ -31,7 +31,8 @@ from fm_adapt.weights import fm_layouts
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_formats
 
-FORMATS = ('auto', 'big_vision', 'timm', 'hf', 'pth', 'hf_dinov2', 'open_clip', 'hf_clip')
+FORMATS = ('auto', 'big_vision', 'timm', 'hf', 'pth', 'hf_dinov2', 'open_clip', 'hf_clip',
+           'retfound')
 CONVERTERS = {**vit_formats.CONVERTERS, **fm_layouts.CONVERTERS}
 Grid = int | tuple[int, int]
 
@@ -117,7 +118,8 @@ def load_vit_checkpoint(path: readers.PathLike, *,
       (also DINOv2 / MAE / RETFound in timm's or facebookresearch's names),
       'hf' (Hugging Face ViT), 'pth' (a timm state dict saved by torch),
       'hf_dinov2' (Hugging Face Dinov2Model, RAD-DINO), 'open_clip' (an open_clip
-      image tower or whole CLIP, BiomedCLIP), 'hf_clip' (Hugging Face CLIP), or
+      image tower or whole CLIP, BiomedCLIP), 'hf_clip' (Hugging Face CLIP),
+      'retfound' (MAE / RETFound encoder into a global-pool model: its 'norm' ignored), or
       'auto' to tell the layout from the key names.
     dont_load: regexes (full match) over '/'-joined paths. Parameters they match
       are taken from `target_params` (e.g. 'head/.*' for a new head); checkpoint

@@ -53,8 +53,8 @@ class Entry:
     licence: the licence of the weights.
     published: where the weights are published.
     file_names: published file names that identify this model on their own.
-    dont_load: fm_adapt paths that keep their initialisation or checkpoint entries dropped,
-      as the model's own fine-tuning code does (RETFound: a fresh fc_norm, no final norm).
+    dont_load: fm_adapt paths that keep their initialisation, as the model's own fine-tuning
+      code does (RETFound: a fresh fc_norm).
   """
   name: str
   title: str
@@ -142,7 +142,7 @@ _ENTRIES = [
           reference_params=303_350_784, licence='CC-BY-NC-ND-4.0 (gated)',
           published='MahmoodLab/UNI (Hugging Face, gated; timm pytorch_model.bin)'),
     Entry(name='retfound_cfp', title='RETFound MAE ViT-L/16, colour fundus photographs',
-          layout='timm', image_size=224, folded_params=1024,
+          layout='retfound', image_size=224, folded_params=1024,
           model=dict(variant='L/16', pool_type='gap', class_token=True, fc_norm=True,
                      posemb_grid=14, posemb_resize='bicubic_antialias'),
           reference="timm 1.0.29 vit_large_patch16_224 (global_pool='avg')",
@@ -150,9 +150,9 @@ _ENTRIES = [
           published='rmaphoh/RETFound_MAE (GitHub); YukunZhou/RETFound_mae_natureCFP '
                     '(Hugging Face)',
           file_names=('RETFound_cfp_weights.pth', 'RETFound_mae_natureCFP.pth'),
-          dont_load=('fc_norm/.*', 'encoder/norm/.*')),
+          dont_load=('fc_norm/.*',)),
     Entry(name='retfound_oct', title='RETFound MAE ViT-L/16, optical coherence tomography',
-          layout='timm', image_size=224, folded_params=1024,
+          layout='retfound', image_size=224, folded_params=1024,
           model=dict(variant='L/16', pool_type='gap', class_token=True, fc_norm=True,
                      posemb_grid=14, posemb_resize='bicubic_antialias'),
           reference="timm 1.0.29 vit_large_patch16_224 (global_pool='avg')",
@@ -160,7 +160,7 @@ _ENTRIES = [
           published='rmaphoh/RETFound_MAE (GitHub); YukunZhou/RETFound_mae_natureOCT '
                     '(Hugging Face)',
           file_names=('RETFound_oct_weights.pth', 'RETFound_mae_natureOCT.pth'),
-          dont_load=('fc_norm/.*', 'encoder/norm/.*')),
+          dont_load=('fc_norm/.*',)),
     Entry(name='biomedclip', title='BiomedCLIP image tower (ViT-B/16, PMC-15M)',
           layout='open_clip', image_size=224, folded_params=768,
           model=dict(variant='B/16', proj_dim=512, posemb_grid=14,

@@ -77,7 +77,8 @@ def test_pth_state_dicts(tmp_path):
 
 def test_registry_kinds():
   assert set(weights.LOADERS) == {'efficientnet_lite0', 'vit', 'big_vision', 'timm', 'hf',
-                                  'pth', 'fm_adapt', 'hf_dinov2', 'open_clip', 'hf_clip'}
+                                  'pth', 'fm_adapt', 'hf_dinov2', 'open_clip', 'hf_clip',
+                                  'retfound'}
 
 
 def test_load_by_kind_and_by_path(tmp_path):

@@ -148,8 +148,9 @@ def test_retfound_by_file_name_matches_retfounds_own_fine_tuning_model(
   path = tmp_path / 'RETFound_cfp_weights.pth'
   torch.save({'model': sd}, str(path))
   model, variables, report = zoo.build(f'zoo:{path}', num_classes=5)
-  assert set(report.ignored) == {'mask_token', 'decoder_pred.weight'}
-  assert report.dropped == ['encoder/norm/bias', 'encoder/norm/scale']
+  assert set(report.ignored) == {'mask_token', 'decoder_pred.weight', 'norm.weight',
+                                 'norm.bias'}
+  assert not report.dropped
   assert sorted(report.kept_init) == ['fc_norm/bias', 'fc_norm/scale', 'head/bias',
                                       'head/kernel']
   finetune = _mu_timm(timm, 'vit_large_patch16_224', 32, global_pool='avg').eval()
