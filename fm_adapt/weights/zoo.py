@@ -35,6 +35,10 @@ from fm_adapt.weights import vit_import
 PREFIX = 'zoo:'
 WEIGHTS_ENV = 'FM_ADAPT_WEIGHTS_DIR'
 NOT_VERIFIED = 'not verified here: read the model card before use'
+# Input normalisation as `data_pipelines.pp` ops, on the [0, 1] scale.
+IMAGENET = "normalize('imagenet')"
+OPENAI_CLIP = ('normalize((0.48145466, 0.4578275, 0.40821073), '
+               '(0.26862954, 0.26130258, 0.27577711))')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Entry:
     file_names: published file names that identify this model on their own.
     dont_load: fm_adapt paths that keep their initialisation, as the model's own fine-tuning
       code does (RETFound: a fresh fc_norm).
+    normalize: the input normalisation of its pretraining as a `data_pipelines.pp` op, or
+      None where this catalogue has not verified it (read the model's preprocessing config).
   """
   name: str
   title: str
@@ -68,6 +74,7 @@ class Entry:
   published: str
   file_names: tuple[str, ...] = ()
   dont_load: tuple[str, ...] = ()
+  normalize: str | None = IMAGENET
 
   @property
   def params(self) -> int:
@@ -87,7 +94,8 @@ def _clip(variant: str, grid: int, proj: int, count: int, *, layout: str = 'open
   """An OpenAI CLIP image tower at 224 px: ln_pre, no patch bias, QuickGELU, eps 1e-5."""
   model = dict(variant=variant, pre_norm=True, patch_bias=False, mlp_act='quick_gelu',
                ln_epsilon=1e-5, proj_dim=proj, posemb_grid=grid, posemb_resize=resize)
-  return dict(model=model, image_size=224, layout=layout, reference_params=count)
+  return dict(model=model, image_size=224, layout=layout, reference_params=count,
+              normalize=OPENAI_CLIP)
 
 
 _DINOV2_HOME = ('facebookresearch/dinov2 (GitHub, torch.hub: dl.fbaipublicfiles.com/dinov2/'
@@ -133,6 +141,7 @@ _ENTRIES = [
           layout='hf_dinov2', reference='transformers 5.17.0 Dinov2Model (ViT-B/14, 518 px)',
           folded_params=2 * 768, licence='MSRLA (Microsoft Research Licence Agreement)',
           published='microsoft/rad-dino (Hugging Face, Dinov2Model safetensors)',
+          normalize=None,
           **_dinov2('B', 86_580_480, resize='bicubic')),
     Entry(name='uni', title='UNI: DINOv2-trained ViT-L/16 on pathology (Mahmood Lab)',
           layout='timm', image_size=224, folded_params=1024,
@@ -167,7 +176,7 @@ _ENTRIES = [
                      posemb_resize='bicubic_antialias'),
           reference="open_clip 3.3.0 TimmModel('vit_base_patch16_224', pool='', "
                     "proj='linear', embed_dim=512)",
-          reference_params=86_191_872, licence='MIT',
+          reference_params=86_191_872, licence='MIT', normalize=OPENAI_CLIP,
           published='microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (Hugging Face, '
                     'open_clip_pytorch_model.bin)'),
     Entry(name='clip_vitb16_openai', title='OpenAI CLIP ViT-B/16 image tower',
@@ -193,7 +202,7 @@ _ENTRIES = [
           reference='open_clip 3.3.0 ViT-B-32-quickgelu visual', folded_params=768,
           licence=NOT_VERIFIED,
           published='rajpurkarlab/CheXzero (GitHub; torch.save of the CLIP state dict)',
-          **_clip('B/32', 7, 512, 87_849_216)),
+          **dict(_clip('B/32', 7, 512, 87_849_216), normalize=None)),
 ]
 ENTRIES: dict[str, Entry] = {entry.name: entry for entry in _ENTRIES}
 
@@ -210,6 +219,13 @@ def entry_for_file(path: str | os.PathLike) -> Entry | None:
   """The entry whose published file name is the file's name, if any."""
   base = pathlib.Path(path).name
   return next((e for e in _ENTRIES if base in e.file_names), None)
+
+
+def find_file(entry: Entry, folder: str | os.PathLike) -> pathlib.Path | None:
+  """The entry's checkpoint in a folder: a published file name, or '<name>.<ext>'."""
+  names = entry.file_names + tuple(entry.name + ext for ext in readers.SUPPORTED_SUFFIXES)
+  return next((pathlib.Path(folder) / n for n in names if (pathlib.Path(folder) / n).is_file()),
+              None)
 
 
 def is_spec(model_init: Any) -> bool:
