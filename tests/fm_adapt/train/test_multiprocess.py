@@ -1,10 +1,15 @@
-"""A real two-process run: pre-empted, resumed, and equal to the one-process run.
+"""Real two-process runs: pre-empted, resumed, and equal to the one-process run.
 
 Two local processes, each with 2 simulated CPU devices, join one JAX job on 127.0.0.1
-(`jax.distributed`, gloo collectives). A SIGTERM to ONE of them stops BOTH at the same step
-(JAX's pre-emption sync point), each saving its own data-iterator state; the resumed job's
-per-step losses (a fingerprint of each global batch) and its final weights equal those of one
-process with 4 devices and the same seed.
+(`jax.distributed`, gloo collectives; the `process_group` fixture). A SIGTERM to ONE of them
+stops BOTH at the same step (JAX's pre-emption sync point), each saving its own data-iterator
+state; the resumed job's per-step losses (a fingerprint of each global batch) and its final
+weights equal those of one process with 4 devices, the same mesh, init and seed. Two layouts:
+  data_parallel          data=4, from scratch; process 1 is signalled.
+  fsdp_from_pretrained   data=1 x fsdp=4, so each process holds only some shards of every
+                         sharded parameter (no process may read another's), started from a
+                         pretrained fm_adapt export with the head kept fresh; process 0 is
+                         signalled.
 
 Data: the synthetic MedMNIST-layout set of the tiny runs (tests/fm_adapt/conftest.py).
 """
@@ -13,14 +18,39 @@ import pathlib
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 TOTAL_STEPS = 40
 RUN_FLAGS = [f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every=4",
              "--config.eval_every=20", "--config.log_every=1"]
+
+
+def _fsdp_from_pretrained(pretrained: pathlib.Path) -> str:
+  """Experiment-file lines that wrap the tiny run's get_config: fsdp=4, from `pretrained`."""
+  return textwrap.dedent(f"""
+      _tiny_config = get_config
+
+      def get_config(arg=None):
+        config = _tiny_config(arg)
+        config.mesh = (("data", 1), ("fsdp", 4))
+        config.model_init = {str(pretrained)!r}
+        config.model_load = dict(dont_load=["head/.*"])
+        return config
+  """)
+
+
+def _run_one_process(config: str, workdir: pathlib.Path, env: dict, devices: int,
+                     flags: list[str]) -> None:
+  env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-m", "fm_adapt.main", "--config", config, "--workdir",
+                        str(workdir), *flags], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -33,35 +63,22 @@ def _weights(workdir: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def _one_process_reference(config: str, workdir: pathlib.Path, env: dict) -> None:
-  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-m", "fm_adapt.main", "--config", config, "--workdir",
-                        str(workdir), *RUN_FLAGS], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-
-
-def _wait_for(path: pathlib.Path, procs, timeout_s: float = 300) -> None:
+def _wait_for(path: pathlib.Path, group, timeout_s: float = 300) -> None:
   deadline = time.time() + timeout_s
   while not path.exists():
-    assert all(p.poll() is None for p in procs), f"a process ended before {path}"
+    ended = [i for i, p in enumerate(group.procs) if p.poll() is not None]
+    assert not ended, f"process {ended} ended before {path}:\n{group.log(ended[0])[-3000:]}"
     assert time.time() < deadline, f"{path} did not appear"
     time.sleep(0.05)
 
 
-def test_preempted_two_process_run_resumes_exactly(tmp_path, tiny_experiment, tiny_env,
-                                                   process_group):
-  config = str(tiny_experiment())
-  reference = tmp_path / "one"
-  _one_process_reference(config, reference, tiny_env)  # Also prepares the TFDS copy.
-  workdir = tmp_path / "two"
-  args = ["--config", config, "--workdir", str(workdir), *RUN_FLAGS]
-
-  procs = process_group.start("fm_adapt.main", args)
-  _wait_for(workdir / "ckpt" / "4", procs)
-  procs[1].send_signal(signal.SIGTERM)  # One host is told; both must stop at one step.
-  statuses = process_group.wait()
-  logs = [process_group.log(i) for i in range(2)]
+def _preempt(group, args: list[str], workdir: pathlib.Path, signalled: int) -> int:
+  """Starts the job, SIGTERMs process `signalled` after the first checkpoint; the stop step."""
+  procs = group.start("fm_adapt.main", args)
+  _wait_for(workdir / "ckpt" / "4", group)
+  procs[signalled].send_signal(signal.SIGTERM)  # One host is told; both must stop at one step.
+  statuses = group.wait()
+  logs = [group.log(i) for i in range(2)]
   assert statuses == [143, 143], logs
   stopped = [line for line in logs[0].splitlines() if line.startswith("Stopped at step")]
   assert stopped and all(stopped[0] in log for log in logs), logs
@@ -70,12 +87,10 @@ def test_preempted_two_process_run_resumes_exactly(tmp_path, tiny_experiment, ti
   saved = sorted(p.name for p in (workdir / "ckpt" / str(step) / "iterator").glob("*.json"))
   assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
   assert "process 1 of 2, 2 local / 4 global cpu devices" in logs[1]
+  return step
 
-  process_group.start("fm_adapt.main", args)
-  statuses = process_group.wait()
-  assert statuses == [0, 0], [process_group.log(i)[-3000:] for i in range(2)]
-  assert f"Resuming from {workdir / 'ckpt'}/{step}" in process_group.log(0)
 
+def _assert_same_training(workdir: pathlib.Path, reference: pathlib.Path) -> None:
   losses, expected = _losses(workdir), _losses(reference)
   assert sorted(losses) == list(range(1, TOTAL_STEPS + 1)) == sorted(expected)
   np.testing.assert_allclose([losses[s] for s in sorted(losses)],
@@ -87,3 +102,30 @@ def test_preempted_two_process_run_resumes_exactly(tmp_path, tiny_experiment, ti
     # which Adam scales to lr-sized steps, so across reduction orders it is noise.
     if not key.endswith("attn/key/bias"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["data_parallel", "fsdp_from_pretrained"])
+def test_preempted_two_process_run_resumes_exactly(tmp_path, tiny_experiment, tiny_env,
+                                                   process_group, layout):
+  config, signalled = str(tiny_experiment()), 1
+  if layout == "fsdp_from_pretrained":
+    base = tmp_path / "base"
+    _run_one_process(config, base, tiny_env, 1, ["--config.total_steps=2"])
+    config = str(tiny_experiment(_fsdp_from_pretrained(base / "export" / "model.npz")))
+    signalled = 0
+  reference = tmp_path / "one"
+  _run_one_process(config, reference, tiny_env, 4, RUN_FLAGS)  # Also builds the TFDS copy.
+  workdir = tmp_path / "two"
+  args = ["--config", config, "--workdir", str(workdir), *RUN_FLAGS]
+
+  step = _preempt(process_group, args, workdir, signalled)
+  process_group.start("fm_adapt.main", args)
+  statuses = process_group.wait()
+  assert statuses == [0, 0], [process_group.log(i)[-3000:] for i in range(2)]
+  assert f"Resuming from {workdir / 'ckpt'}/{step}" in process_group.log(0)
+  if layout == "fsdp_from_pretrained":
+    assert "mesh {'data': 1, 'fsdp': 4}" in process_group.log(0)
+    # The load took effect: the second loss differs from that of the same seed's fresh init
+    # (the first is ln 2 either way: the zero-initialized head is kept).
+    assert abs(_losses(reference)[2] - _losses(base)[2]) > 1e-4
+  _assert_same_training(workdir, reference)
