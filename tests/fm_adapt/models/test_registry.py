@@ -34,9 +34,13 @@ def test_model_fields():
   assert list(models.model_fields(models.resnet.Model))[:4] == [
       'num_classes', 'depth', 'stem', 'width']
   vit_fields = models.model_fields(models.vit.Model)
-  # No adaptation fields: prompts and adapters attach from fm_adapt.adapt by interception.
+  # Architecture options only (the foundation-model families are configuration of one ViT);
+  # no adaptation fields: prompts and adapters attach from fm_adapt.adapt by interception.
   assert {'num_classes', 'variant', 'pool_type', 'posemb', 'dropout', 'head_zeroinit',
-          'dtype', 'remat'} == set(vit_fields)
+          'dtype', 'remat', 'class_token', 'num_registers', 'layerscale', 'pre_norm',
+          'patch_bias', 'mlp_act', 'ln_epsilon', 'fc_norm', 'proj_dim', 'posemb_grid',
+          'posemb_resize'} == set(vit_fields)
+  assert not {'prompt', 'prompts', 'adapter', 'adapters', 'lora'} & set(vit_fields)
   assert not {'prompt', 'adapter'} & set(models.model_fields(models.efficientnet.Model))
 
 
