@@ -6,6 +6,11 @@ adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)
 `init(rng) -> variables`. `build_model(config, ...)` builds the model of `config.model_name` /
 `config.model` with the compute dtype of `config.dtype` and the rematerialization of
 `config.remat` (`precision_kwargs`), and applies `config.adapt` and `config.model_init` around it.
+
+`config.model_init = 'zoo:NAME:PATH'` (or 'zoo:PATH' with a published file name) is a catalogue
+model (`fm_adapt.weights.zoo`): the ViT of the entry's configuration, with the keys of
+`config.model` overriding it (printed), loaded with the entry's layout. The head is the
+dataset's (`num_classes` of the data, never the catalogue's).
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ from fm_adapt import config as config_lib
 from fm_adapt import models
 from fm_adapt.adapt import compose
 from fm_adapt import param_paths
+from fm_adapt import weights
 from fm_adapt.train import pretrained
+from fm_adapt.train import writer
 
 
 def takes_mask(model: nn.Module) -> bool:
@@ -120,10 +127,45 @@ class ModelFns:
   model: Any = None
 
 
+def catalogue_model(config: ml_collections.ConfigDict) -> tuple[Any, str, dict[str, Any]]:
+  """(entry, checkpoint path, model kwargs) of a 'zoo:' `config.model_init`.
+
+  The kwargs are the entry's ViT configuration with the keys of `config.model` on top (each
+  overridden catalogue value is printed).
+
+  Raises:
+    ValueError: an unknown catalogue name (listing the catalogue), or a `config.model_name`
+      other than 'vit' (catalogue models are ViTs).
+  """
+  entry, _ = weights.zoo.parse_spec(config.model_init)
+  if config.get("model_name") != "vit":
+    raise ValueError(
+        f"config.model_init={config.model_init!r} is the catalogue model {entry.name!r}, a ViT, "
+        f"but config.model_name={config.get('model_name')!r}: set config.model_name='vit'.")
+  user = dict(config.get("model", {}))
+  catalogue = weights.zoo.model_config(entry)
+  changed = {k: (catalogue[k], v) for k, v in user.items() if k in catalogue and catalogue[k] != v}
+  if changed:
+    writer.console(f"config.model overrides the catalogue model {entry.name!r}: "
+                   + ", ".join(f"{k}={v!r} (catalogue: {c!r})" for k, (c, v) in changed.items()))
+  return entry, _spec_path(config.model_init, entry), {**catalogue, **user}
+
+
+def _spec_path(spec: str, entry: Any) -> str:
+  """The path text of a 'zoo:' spec exactly as written, so a URI keeps its '//'."""
+  rest = spec[len(weights.zoo.PREFIX):]
+  return rest[len(entry.name) + 1:] if rest.startswith(entry.name + ":") else rest
+
+
 def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
                 ) -> ModelFns:
   """The model of a config, adapted by `config.adapt`, loading `config.model_init`."""
-  model_kwargs = dict(config.get("model", {}))
+  entry = None
+  if weights.zoo.is_spec(config.get("model_init")):
+    entry, checkpoint, model_kwargs = catalogue_model(config)
+    pretrained.check_catalogue_load(entry, config.get("model_load") or {})
+  else:
+    checkpoint, model_kwargs = config.get("model_init"), dict(config.get("model", {}))
   model_kwargs.update(precision_kwargs(config, config.model_name))
   adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
   adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
@@ -141,15 +183,17 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
       extra_rng = jax.random.fold_in(rng, 1)
       return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
 
-  if not config.get("model_init"):
+  if not checkpoint:
     return ModelFns(init_fn, apply_fn, adaptation, model=model)
-  path = pretrained.resolve_path(config.model_init)
+  path = pretrained.resolve_path(checkpoint)
   base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
+  if entry is not None:
+    base["zoo"] = entry.name
   base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
   base_paths = set(param_paths.flatten(jax.eval_shape(
       init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
   extras = [p for p in param_paths.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
             if p not in base_paths]
   load_cfg = dict(config.get("model_load") or {})
-  load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras)
+  load = lambda variables: pretrained.load_pretrained(variables, path, load_cfg, extras, entry)
   return ModelFns(init_fn, apply_fn, adaptation, load, base, model)

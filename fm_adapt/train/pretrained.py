@@ -1,55 +1,79 @@
 """Start a run from a pretrained checkpoint: resolve, hash, load and overlay onto the init.
 
-`config.model_init` names the file (a path, or a path relative to $FM_ADAPT_WEIGHTS_DIR);
+`config.model_init` names the file (a local path, a URI such as `gs://bucket/w.npz`, or a path
+relative to $FM_ADAPT_WEIGHTS_DIR; paths are `etils.epath.Path`s, so a URI stays a URI);
 `config.model_load = dict(name=..., dont_load=[regex, ...])` picks the importer by name
 (`fm_adapt.weights.LOADERS`, detected from the keys when absent) and the parameters that keep
 their fresh initialization (e.g. a new head); each dont_load regex must match a variable of the
 model. Parameters that adaptation transforms add (LoRA factors, prompts, adapters) are not in the
 checkpoint and keep their initialization too.
+
+A catalogue model (`config.model_init = 'zoo:NAME:PATH'`, `fm_adapt.weights.zoo`) loads with its
+entry's layout (`zoo.load_params`); the entry's own dont_load (RETFound: a fresh `fc_norm`) and
+the new head keep their initialization, and the import report (every key loaded, ignored,
+dropped or kept) is printed.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 from fm_adapt import weights
 from fm_adapt import config as config_lib
 from fm_adapt import param_paths
+from fm_adapt.train import files
+from fm_adapt.train import writer
 
 LOAD_KEYS = ("name", "dont_load")
 
 
-def resolve_path(model_init: str) -> pathlib.Path:
-  """The checkpoint file: as given, else under $FM_ADAPT_WEIGHTS_DIR."""
-  path = pathlib.Path(model_init).expanduser()
+def resolve_path(model_init: str) -> epath.Path:
+  """The checkpoint file: as given, else (a relative local path) under $FM_ADAPT_WEIGHTS_DIR.
+
+  A URI (`gs://bucket/w.npz`) stays that string, a local path is made absolute
+  (`files.as_path`); $FM_ADAPT_WEIGHTS_DIR may be a URI too.
+
+  Raises:
+    FileNotFoundError: no such file, naming where it looked.
+    ValueError: a URI whose '//' was collapsed to '/' (what pathlib makes of 'gs://...').
+  """
+  text = os.path.expanduser(os.fspath(model_init))
+  path = files.as_path(text)
   if path.is_file():
-    return path.absolute()
+    return path
   base = os.environ.get("FM_ADAPT_WEIGHTS_DIR")
-  if base and (pathlib.Path(base) / model_init).is_file():
-    return (pathlib.Path(base) / model_init).absolute()
+  if base and files.is_local(text) and not os.path.isabs(text):
+    under_base = files.as_path(base) / text
+    if under_base.is_file():
+      return under_base
   raise FileNotFoundError(
       f"config.model_init={model_init!r} is not a file (looked as given"
       f"{' and under FM_ADAPT_WEIGHTS_DIR=' + base if base else ''}). Give a path, or set "
       "FM_ADAPT_WEIGHTS_DIR to the folder holding it.")
 
 
-def file_sha256(path: pathlib.Path) -> str:
-  """SHA-256 of a file, the id of a base checkpoint recorded with adapted runs."""
+def file_sha256(path: epath.PathLike) -> str:
+  """SHA-256 of a file (local or a URI), the id of a base checkpoint recorded with adapted runs."""
   digest = hashlib.sha256()
-  with path.open("rb") as f:
+  with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def _loaded_variables(path: pathlib.Path, name: str | None, dont_load: Sequence[str],
-                      base_params: Mapping[str, Any]) -> dict[str, Any]:
+def _loaded_variables(path: epath.Path, name: str | None, dont_load: Sequence[str],
+                      base_params: Mapping[str, Any],
+                      entry: weights.zoo.Entry | None = None) -> dict[str, Any]:
+  if entry is not None:
+    params, report = weights.zoo.load_params(entry, path, base_params, dont_load)
+    writer.console(f"Catalogue model {entry.name!r} ({entry.title}): {report.summary()}")
+    return {"params": params}
   name = name or weights.detect_name(path)
   if name not in weights.LOADERS:
     raise ValueError(f"Unknown config.model_load.name {name!r}; valid: {sorted(weights.LOADERS)}")
@@ -107,8 +131,19 @@ def overlay(init: Mapping[str, Any], loaded: Mapping[str, Any], keep: Sequence[s
   return param_paths.unflatten(out)
 
 
-def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
-                    load_cfg: Mapping[str, Any], extra_paths: Sequence[str]) -> dict[str, Any]:
+def check_catalogue_load(entry: weights.zoo.Entry, load_cfg: Mapping[str, Any]) -> None:
+  """A catalogue model loads with its entry's layout: a different model_load.name is refused."""
+  name = dict(load_cfg).get("name")
+  if name not in (None, entry.layout):
+    raise ValueError(
+        f"config.model_load.name={name!r}, but the catalogue model {entry.name!r} is read with "
+        f"its own layout {entry.layout!r}: leave model_load.name out (or set it to "
+        f"{entry.layout!r}), or give config.model_init as a plain path to use another loader.")
+
+
+def load_pretrained(variables: Mapping[str, Any], path: epath.PathLike,
+                    load_cfg: Mapping[str, Any], extra_paths: Sequence[str],
+                    entry: weights.zoo.Entry | None = None) -> dict[str, Any]:
   """Overlays a pretrained checkpoint onto freshly initialized variables.
 
   Args:
@@ -118,13 +153,21 @@ def load_pretrained(variables: Mapping[str, Any], path: pathlib.Path,
     path: the checkpoint file.
     load_cfg: dict(name=..., dont_load=[...]) (`check_load_config`).
     extra_paths: '/'-joined params paths added by adaptation transforms (kept as initialized).
+    entry: the catalogue model the file is (`config.model_init = 'zoo:...'`), or None. Its
+      layout reads the file; its own dont_load and the new head ('head/.*', a catalogue file is
+      an encoder) keep their initialization; the import report is printed.
   """
   load_cfg = check_load_config(load_cfg, variables)
   dont_load = load_cfg["dont_load"]
+  if entry is not None:
+    check_catalogue_load(entry, load_cfg)
+    new_head = ["head/.*"] if "head" in variables["params"] else []
+    dont_load = list(dict.fromkeys([*dont_load, *entry.dont_load, *new_head]))
   extras = set(extra_paths)
   base_params = param_paths.unflatten({p: v for p, v in param_paths.flatten(variables["params"]).items()
                                  if p not in extras})
-  loaded = _loaded_variables(path, load_cfg.get("name"), dont_load, base_params)
+  loaded = _loaded_variables(epath.Path(path), load_cfg.get("name"), dont_load, base_params,
+                             entry)
   # dont_load applies in every collection (params, batch_stats); extras are params only.
   keep = [f"[^/]+/(?:{rx})" for rx in dont_load] + [f"params/{re.escape(p)}" for p in extras]
   return overlay(dict(variables), loaded, keep, str(path))

@@ -5,18 +5,25 @@ with `allow_pickle=False`, `.pth` with `torch.load(weights_only=True)` (torch is
 optional: `pip install fm_adapt[torch]`), `.safetensors` with safetensors. A file
 that needs pickle is refused with `PickleRefusedError`, which says what to
 convert it to.
+
+A path is local, or a URI such as `gs://bucket/w.safetensors` (read through `etils.epath`, whole
+into memory: those files are not memory-mapped).
 """
+import io
 import os
 import pathlib
 import pickle
 from typing import Any
 
+from etils import epath
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 PathLike = str | os.PathLike
+# A local file's name, or a URI's bytes: what np.load, safetensors and torch.load read.
+Source = str | io.BytesIO
 
 NPZ_SUFFIXES = ('.npz',)
 SAFETENSORS_SUFFIXES = ('.safetensors',)
@@ -37,7 +44,17 @@ class PickleRefusedError(ValueError):
 
 def suffix(path: PathLike) -> str:
   """The lower-cased file extension, e.g. '.npz'."""
-  return pathlib.Path(path).suffix.lower()
+  return pathlib.PurePath(os.fspath(path)).suffix.lower()
+
+
+def as_path(path: PathLike) -> pathlib.Path | epath.Path:
+  """A local path as `pathlib.Path`; a URI ('gs://...') as `etils.epath.Path`, kept whole."""
+  return epath.Path(path) if '://' in os.fspath(path) else pathlib.Path(path)
+
+
+def _source(path: pathlib.Path | epath.Path) -> Source:
+  """What the format readers open: a local file by name, a URI's bytes read through epath."""
+  return str(path) if isinstance(path, pathlib.Path) else io.BytesIO(path.read_bytes())
 
 
 def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
@@ -53,7 +70,7 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
     ValueError: an unsupported extension.
     FileNotFoundError: no such file.
   """
-  path = pathlib.Path(path)
+  path = as_path(path)
   ext = suffix(path)
   if ext in PICKLE_SUFFIXES:
     raise PickleRefusedError(f'{path}: {ext} files are pickles. {_CONVERT_HINT}')
@@ -65,30 +82,39 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
   if ext in NPZ_SUFFIXES:
     return _read_npz(path)
   if ext in SAFETENSORS_SUFFIXES:
+    source = _source(path)
     try:
-      return safetensors.numpy.load_file(str(path))
+      if isinstance(source, str):
+        return safetensors.numpy.load_file(source)
+      return safetensors.numpy.load(source.getvalue())
     except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError, ...
       raise _unreadable(path, e) from None
   return _read_torch(path)
 
 
-def _unreadable(path: pathlib.Path, error: Exception) -> ValueError:
+def _unreadable(path: pathlib.Path | epath.Path, error: Exception) -> ValueError:
   """The error for a file that is cut short or not what its extension says."""
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   return ValueError(
       f'{path}: not a readable {suffix(path)} checkpoint ({first_line}); '
-      f'{path.stat().st_size} bytes. Is the download complete? Compare its size and '
+      f'{_size(path)} bytes. Is the download complete? Compare its size and '
       'checksum with the published file, or fetch it again.')
+
+
+def _size(path: pathlib.Path | epath.Path) -> int:
+  """The file's size in bytes (epath's stat says `length`, os.stat `st_size`)."""
+  stat = path.stat()
+  return stat.st_size if isinstance(path, pathlib.Path) else stat.length
 
 
 def list_keys(path: PathLike) -> list[str]:
   """The array names in a checkpoint, reading no array data where the format allows."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   ext = suffix(path)
   if ext in NPZ_SUFFIXES and path.is_file():
     with _open_npz(path) as npz:
       return list(npz.files)
-  if ext in SAFETENSORS_SUFFIXES and path.is_file():
+  if ext in SAFETENSORS_SUFFIXES and path.is_file() and isinstance(path, pathlib.Path):
     try:
       with safetensors.safe_open(str(path), framework='numpy') as f:
         return list(f.keys())
@@ -97,7 +123,7 @@ def list_keys(path: PathLike) -> list[str]:
   return list(read_arrays(path))
 
 
-def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_npz(path: pathlib.Path | epath.Path) -> dict[str, np.ndarray]:
   with _open_npz(path) as npz:
     try:
       return {name: npz[name] for name in npz.files}
@@ -106,10 +132,10 @@ def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
       raise
 
 
-def _open_npz(path: pathlib.Path) -> Any:
+def _open_npz(path: pathlib.Path | epath.Path) -> Any:
   """np.load without pickle, checked to be an archive of named arrays."""
   try:
-    npz = np.load(path, allow_pickle=False)
+    npz = np.load(_source(path), allow_pickle=False)
   except ValueError as e:
     _raise_if_pickle(e, path)
     raise
@@ -118,7 +144,7 @@ def _open_npz(path: pathlib.Path) -> Any:
   return npz
 
 
-def _raise_if_pickle(error: ValueError, path: pathlib.Path) -> None:
+def _raise_if_pickle(error: ValueError, path: pathlib.Path | epath.Path) -> None:
   if 'pickle' in str(error).lower():
     raise PickleRefusedError(
         f'{path}: holds pickled Python objects ({error}). {_CONVERT_HINT}') from None
@@ -135,7 +161,7 @@ def _import_torch() -> Any:
   return torch
 
 
-def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_torch(path: pathlib.Path | epath.Path) -> dict[str, np.ndarray]:
   torch = _import_torch()
   # Before 2.6, torch.load(weights_only=True) can still run code from a crafted file.
   version = str(torch.__version__)
@@ -147,7 +173,7 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         '(or `pip install "fm_adapt[torch]"`), or convert the file to .safetensors / .npz '
         'on a machine you trust.')
   try:
-    obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    obj = torch.load(_source(path), map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise PickleRefusedError(
@@ -160,7 +186,7 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   return {name: _tensor_to_numpy(tensor, torch) for name, tensor in state.items()}
 
 
-def _find_state_dict(obj: Any, path: pathlib.Path, torch: Any) -> dict[str, Any]:
+def _find_state_dict(obj: Any, path: pathlib.Path | epath.Path, torch: Any) -> dict[str, Any]:
   """The flat name -> tensor dict, also when wrapped as {'state_dict': ...}."""
   def is_state_dict(d: Any) -> bool:
     return isinstance(d, dict) and d and all(
