@@ -10,10 +10,11 @@ The model holds no prompt code:
   apply_fn = prompts.wrap_apply_fn(state.make_apply_fn(model), cfg)
 
   'vpt_shallow'  prompt/shallow [1, n, D]. VPT-shallow (Jia et al., ECCV 2022): n learned tokens
-                 are inserted right after the class token (after the position embedding and the
-                 embedding dropout), pass through every block, and are dropped from the encoder
-                 output before pooling and the head; `out['encoded']` keeps the [cls?, patches]
-                 layout of the base model.
+                 are inserted right after the prefix tokens (the class token and any register
+                 tokens; after the position embedding and the embedding dropout), pass through
+                 every block, and are dropped from the encoder output before pooling and the
+                 head; `out['encoded']` keeps the [cls?, registers?, patches] layout of the base
+                 model.
   'vpt_deep'     prompt/deep [L, n, D]. VPT-deep: row 0 is inserted like the shallow prompts; at
                  the input of every later block i the previous block's outputs at the prompt
                  positions are discarded and replaced by row i.
@@ -33,14 +34,19 @@ The model holds no prompt code:
                  attention output by Z_i / (Z_i + sum_k exp(P[l, i, k])), Z_i = sum_j exp(s_ij),
                  which the paper reads as distribution calibration. Prompts are used in every
                  block (the authors' default, "EPT-deep") and initialized normal(0.02), the
-                 authors' default. T is fixed by the image size, like the position embedding,
-                 and read from `pos_embedding` (a model with posemb='sincos2d' has none).
+                 authors' default. T is the number of tokens the model runs on: class token,
+                 register tokens and the patches of the image (`init(..., image_shape=)`: the
+                 image's grid at the patch size of `embedding/kernel`). Without image_shape the
+                 patches are read from `pos_embedding`, which is right only when it is stored at
+                 the image's grid (not for a model with posemb_grid run at another resolution,
+                 e.g. DINOv2 stored at 37x37); a model with posemb='sincos2d' has none.
 
 The layout prompts attach to is that of `fm_adapt.models.vit`; any model with it gets prompts
 without edits. Parameters read by `init`:
   embedding/kernel [p, p, C, D]     the patch embedding: the width D and VPT's fan-in C*p*p
   cls                               present iff there is a class token (prompts go after it)
-  pos_embedding [1, N, D]           the N patch tokens (EPT: T = N + class token)
+  registers [1, R, D]               register tokens, after the class token (prompts go after)
+  pos_embedding [1, N, D]           the N patch tokens without image_shape (EPT: T = N + prefix)
   encoder/block_{i}/...             the L blocks
 Module calls intercepted (positional token arguments):
   encoder                    __call__(tokens [B, T, D], deterministic)  blocks and final norm
@@ -70,6 +76,7 @@ BLOCK = re.compile(r'encoder/block_(\d+)')
 ATTENTION = re.compile(r'encoder/block_(\d+)/attn/core')
 EMBEDDING = 'embedding/kernel'
 CLASS_TOKEN = 'cls'
+REGISTERS = 'registers'
 POSITION = 'pos_embedding'
 # The leaf of the prompt tree of each kind.
 LEAVES = {'vpt_shallow': 'shallow', 'vpt_deep': 'deep', 'ept': 'ept'}
@@ -113,15 +120,28 @@ def vpt_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def geometry(params: Mapping[str, Any]) -> dict[str, Any]:
+def count_prefix(params: Mapping[str, Any]) -> int:
+  """The tokens before the patches (and before the prompts): the class token and registers."""
+  registers = params.get(REGISTERS)
+  return int(CLASS_TOKEN in params) + (0 if registers is None else int(registers.shape[1]))
+
+
+def geometry(params: Mapping[str, Any], image_shape: tuple[int, ...] | None = None
+             ) -> dict[str, Any]:
   """What prompts need to know of a ViT-layout parameter tree.
 
+  Args:
+    params: the base ViT-layout parameters (arrays or ShapeDtypeStructs).
+    image_shape: (H, W, C) of the images the model runs on, or None.
+
   Returns:
-    dict(width=D, fan_in=C*p*p, depth=L, num_prefix=1 with a class token else 0,
-    num_patches=N from pos_embedding or None).
+    dict(width=D, fan_in=C*p*p, depth=L, num_prefix=class token + register tokens,
+    num_patches=N: the image's grid at the patch size with image_shape, else from
+    pos_embedding, or None without either).
 
   Raises:
-    ValueError: if the tree lacks the ViT layout (no patch embedding or no encoder blocks).
+    ValueError: if the tree lacks the ViT layout (no patch embedding or no encoder blocks), or
+      the image is not divisible by the patch size.
   """
   flat = param_paths.flatten(params)
   if EMBEDDING not in flat or len(flat[EMBEDDING].shape) != 4:
@@ -133,40 +153,49 @@ def geometry(params: Mapping[str, Any]) -> dict[str, Any]:
                      f'{sorted(blocks)}.')
   p1, p2, channels, width = flat[EMBEDDING].shape
   posemb = flat.get(POSITION)
+  num_patches = None if posemb is None else posemb.shape[1]
+  if image_shape is not None:
+    h, w = image_shape[0], image_shape[1]
+    if h % p1 or w % p2:
+      raise ValueError(f'Image size {h}x{w} is not divisible by the patch size {p1}x{p2}.')
+    num_patches = (h // p1) * (w // p2)
   return dict(width=width, fan_in=p1 * p2 * channels, depth=len(blocks),
-              num_prefix=int(CLASS_TOKEN in params),
-              num_patches=None if posemb is None else posemb.shape[1])
+              num_prefix=count_prefix(params), num_patches=num_patches)
 
 
-def init(params: Mapping[str, Any], cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+def init(params: Mapping[str, Any], cfg: Mapping[str, Any], rng: jax.Array, *,
+         image_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
   """Creates the prompt tree (the `prompt/` subtree) for base parameters `params`.
 
   Args:
     params: the base ViT-layout parameters (arrays or ShapeDtypeStructs).
     cfg: a prompt config (`check_config`).
     rng: PRNG key.
+    image_shape: (H, W, C) of the images the model runs on: EPT's token count T comes from its
+      grid (else from `pos_embedding`, see the module docstring). VPT does not need it.
 
   Returns:
     {'shallow': [1, n, D]}, {'deep': [L, n, D]} or {'ept': [L, T, n]}; {} for no prompts.
 
   Raises:
-    ValueError: for a bad config, a tree without the ViT layout, or EPT without a learned
-      position embedding (the token count T is unknown).
+    ValueError: for a bad config, a tree without the ViT layout, or EPT without image_shape
+      and without a learned position embedding (the token count T is unknown).
   """
   cfg = check_config(cfg)
   if cfg is None:
     return {}
   if PROMPT_KEY in params:
     raise ValueError(f"params already hold a {PROMPT_KEY!r} subtree.")
-  g, kind, n = geometry(params), cfg['kind'], cfg['num_tokens']
+  g, kind, n = geometry(params, image_shape), cfg['kind'], cfg['num_tokens']
   if kind == 'vpt_shallow':
     return {'shallow': vpt_init(g['fan_in'])(rng, (1, n, g['width']))}
   if kind == 'vpt_deep':
     return {'deep': vpt_init(g['fan_in'])(rng, (g['depth'], n, g['width']))}
   if g['num_patches'] is None:
-    raise ValueError(f"EPT prompts are [L, T, n], one row per token, and T is read from "
-                     f"{POSITION!r} [1, N, D]; this model has none (posemb='sincos2d'?). Use a "
-                     "learned position embedding (posemb='learn').")
+    raise ValueError(f"EPT prompts are [L, T, n], one row per token, and T comes from the "
+                     f"image_shape, else from {POSITION!r} [1, N, D]; this model has none "
+                     "(posemb='sincos2d'?). Pass image_shape, or use a learned position "
+                     "embedding (posemb='learn').")
   num_seq = g['num_patches'] + g['num_prefix']
   return {'ept': nn.initializers.normal(stddev=0.02)(rng, (g['depth'], num_seq, n), jnp.float32)}
 
@@ -245,7 +274,8 @@ def _interceptor(tree: Mapping[str, jax.Array], cfg: Mapping[str, Any], num_pref
       row = int(match.group(1))
       if row >= table.shape[0] or table.shape[1] != args[0].shape[1]:
         raise ValueError(f'EPT prompt {table.shape} [L, T, n] does not fit {path!r}, block '
-                         f'{row} over {args[0].shape[1]} tokens (another image size?).')
+                         f'{row} over {args[0].shape[1]} tokens (made for another image size? '
+                         'prompts.init(..., image_shape=) sizes T to the images run).')
       used.add(path)
       return ept_attention(*args, table[row])
     if path == ENCODER:
@@ -312,7 +342,7 @@ def wrap_apply_fn(apply_fn: Callable[..., Any], cfg: Mapping[str, Any]) -> Calla
       raise ValueError(f"The prompt config {cfg} needs a top-level {PROMPT_KEY!r} subtree in "
                        f'params (prompts.init); the params hold {sorted(params)}.')
     tree = params.pop(PROMPT_KEY)
-    with intercept(tree, cfg, num_prefix=int(CLASS_TOKEN in params)):
+    with intercept(tree, cfg, num_prefix=count_prefix(params)):
       return apply_fn(params, model_state, images, train=train, rng=rng, **kwargs)
 
   return wrapped

@@ -232,3 +232,25 @@ def test_ept_prompt_of_another_image_size_fails_clearly():
   fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(_model()), prompt)
   with pytest.raises(ValueError, match=r'EPT prompt \(2, 13, 2\).*over 7 tokens'):
     fn(params, {}, IMAGE, train=False, rng=None)
+
+
+def test_ept_token_count_comes_from_the_image_run_not_the_stored_grid():
+  """A position embedding stored at 3x3 (posemb_grid, resized at run time) on 8x12 images (2x3
+  patches): T = 1 + 6 from image_shape; the stored grid's 1 + 9 does not fit and says why."""
+  model, prompt = _model(posemb_grid=3), dict(kind='ept', num_tokens=2)
+  base = jax.eval_shape(model.init, _key(), IMAGE)['params']
+  assert base['pos_embedding'].shape == (1, 9, WIDTH)
+  tree = prompts.init(base, prompt, _key(), image_shape=IMAGE.shape[1:])
+  assert tree['ept'].shape == (DEPTH, NUM_PATCHES + 1, 2)
+  fn = prompts.wrap_apply_fn(model_fns.make_apply_fn(model), prompt)
+  logits, _, _ = jax.eval_shape(lambda p: fn(p, {}, IMAGE, train=False, rng=None),
+                                dict(base, prompt=tree))
+  assert logits.shape == (2, 3)
+  stored = jax.eval_shape(lambda p: prompts.init(p, prompt, _key()), base)
+  with pytest.raises(ValueError, match=r'over 7 tokens .*image_shape='):
+    jax.eval_shape(lambda p: fn(p, {}, IMAGE, train=False, rng=None), dict(base, prompt=stored))
+  sincos = jax.eval_shape(_model(posemb='sincos2d').init, _key(), IMAGE)['params']
+  assert prompts.init(sincos, prompt, _key(), image_shape=(8, 12, 3))['ept'].shape == (
+      DEPTH, NUM_PATCHES + 1, 2)
+  with pytest.raises(ValueError, match=r'Image size 8x10 is not divisible by the patch size 4x4'):
+    prompts.init(base, prompt, _key(), image_shape=(8, 10, 3))

@@ -2,6 +2,7 @@
 BitFit and EPT attach to DINOv2 with registers, MAE / RETFound and CLIP towers exactly as to
 the original ViT. Zero-initialised transforms leave the features unchanged; prompts keep the
 token layout ([cls, registers, patches]); the trainable counts are those of the transform."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +28,6 @@ TRANSFORMS = {
     'ept': dict(name='ept', num_tokens=2),
 }
 ZERO_INIT = ('lora', 'adapter', 'bitfit')  # Equal to the base model at initialisation.
-# EPT needs a [L, T, n] prompt with T = patches + class token: registers are not counted
-# (fm_adapt.adapt.prompts.geometry reads only `cls`), so EPT does not yet fit DINOv2-reg.
-UNSUPPORTED = {('dinov2_reg', 'ept')}
 
 
 def _setup(family, transform):
@@ -48,11 +46,6 @@ def _setup(family, transform):
 @pytest.mark.parametrize('transform', list(TRANSFORMS))
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_transform_attaches_to_family(family, transform):
-  if (family, transform) in UNSUPPORTED:
-    with pytest.raises(ValueError, match='EPT prompt .* does not fit'):
-      adaptation, apply, _, params, images = _setup(family, transform)
-      adaptation.wrap_apply(apply)(params, {}, images, train=False, rng=None)
-    return
   adaptation, apply, base, params, images = _setup(family, transform)
   base_logits, base_out, _ = jax.jit(lambda p: apply(p, {}, images, train=False, rng=None))(base)
   adapted = jax.jit(lambda p: adaptation.wrap_apply(apply)(p, {}, images, train=False,
@@ -70,3 +63,33 @@ def test_transform_attaches_to_family(family, transform):
     assert extra == 0 and trainable > head
   else:
     assert extra > 0 and trainable == extra + head
+
+
+def _block_0_input(adaptation, apply, params, images):
+  """The tokens entering the first encoder block of the adapted model."""
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and '/'.join(context.module.path) == 'encoder/block_0':
+      seen['x'] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    adaptation.wrap_apply(apply)(params, {}, images, train=False, rng=None)
+  return np.asarray(seen['x'])
+
+
+def test_prompts_go_after_the_class_token_and_the_registers():
+  """[cls, registers, prompts, patches] on DINOv2-reg; EPT has a row for every one of them."""
+  registers, patches = 2, 4  # FAMILIES['dinov2_reg']: 2 registers, 28 px at patch 14.
+  adaptation, apply, base, params, images = _setup('dinov2_reg', 'vpt_deep')
+  x = _block_0_input(adaptation, apply, params, images)
+  prompt = np.asarray(params['prompt']['deep'][0])
+  assert x.shape == (2, 1 + registers + len(prompt) + patches, 32)
+  np.testing.assert_allclose(x[:, 0], np.broadcast_to(base['cls'][0, 0], (2, 32)))
+  np.testing.assert_allclose(x[:, 1:1 + registers],
+                             np.broadcast_to(base['registers'][0], (2, registers, 32)))
+  np.testing.assert_allclose(x[:, 1 + registers:1 + registers + len(prompt)],
+                             np.broadcast_to(prompt, (2, *prompt.shape)))
+  _, _, _, ept_params, _ = _setup('dinov2_reg', 'ept')
+  assert ept_params['prompt']['ept'].shape == (2, 1 + registers + patches, 2)  # [L, T, n]
