@@ -241,3 +241,16 @@ def test_gs_checkpoints_resolve_hash_and_load_through_epath(reduced_zoo, bucket,
     pretrained.resolve_path("gs:/bucket/retfound.safetensors")  # pathlib's collapsed URI.
   with pytest.raises(FileNotFoundError, match="FM_ADAPT_WEIGHTS_DIR=gs://bucket"):
     pretrained.resolve_path("missing.npz")
+
+
+def test_adaptation_parameters_keep_their_init_beside_the_catalogue_load(reduced_zoo, tmp_path):
+  path = tmp_path / "r.safetensors"
+  sd = retfound_file(path)
+  fns = _build(f"zoo:retfound_cfp:{path}", adapt=[dict(name="ept", num_tokens=2)],
+               model_load=dict(dont_load=["head/.*"]))  # Also kept by the catalogue path.
+  init = jax.tree.map(np.asarray, fns.init_fn(jax.random.key(0)))
+  params = fns.load(init)["params"]
+  np.testing.assert_array_equal(params["prompt"]["ept"], init["params"]["prompt"]["ept"])
+  assert params["prompt"]["ept"].shape == (DEPTH, 1 + 4, 2)  # [L, cls + 2x2 patches, n]
+  np.testing.assert_array_equal(params["encoder"]["block_1"]["attn"]["out"]["bias"],
+                                sd["blocks.1.attn.proj.bias"])
