@@ -30,6 +30,7 @@ from fm_adapt.adapt import compose
 from fm_adapt import param_paths
 from fm_adapt import weights
 from fm_adapt.train import pretrained
+from fm_adapt.weights import locate
 from fm_adapt.train import writer
 
 
@@ -148,13 +149,7 @@ def catalogue_model(config: ml_collections.ConfigDict) -> tuple[Any, str, dict[s
   if changed:
     writer.console(f"config.model overrides the catalogue model {entry.name!r}: "
                    + ", ".join(f"{k}={v!r} (catalogue: {c!r})" for k, (c, v) in changed.items()))
-  return entry, _spec_path(config.model_init, entry), {**catalogue, **user}
-
-
-def _spec_path(spec: str, entry: Any) -> str:
-  """The path text of a 'zoo:' spec exactly as written, so a URI keeps its '//'."""
-  rest = spec[len(weights.zoo.PREFIX):]
-  return rest[len(entry.name) + 1:] if rest.startswith(entry.name + ":") else rest
+  return entry, weights.zoo.parse_spec(config.model_init)[1], {**catalogue, **user}
 
 
 def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...]
@@ -185,8 +180,8 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
 
   if not checkpoint:
     return ModelFns(init_fn, apply_fn, adaptation, model=model)
-  path = pretrained.resolve_path(checkpoint)
-  base = {"path": str(path), "sha256": pretrained.file_sha256(path)}
+  path = locate.resolve_path(checkpoint)
+  base = {"path": str(path), "sha256": locate.file_sha256(path)}
   if entry is not None:
     base["zoo"] = entry.name
   base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)

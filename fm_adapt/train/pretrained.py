@@ -1,7 +1,7 @@
-"""Start a run from a pretrained checkpoint: resolve, hash, load and overlay onto the init.
+"""Start a run from a pretrained checkpoint: load it and overlay it onto the init.
 
 `config.model_init` names the file (a local path, a URI such as `gs://bucket/w.npz`, or a path
-relative to $FM_ADAPT_WEIGHTS_DIR; paths are `etils.epath.Path`s, so a URI stays a URI);
+relative to $FM_ADAPT_WEIGHTS_DIR: `fm_adapt.weights.locate` finds and hashes it);
 `config.model_load = dict(name=..., dont_load=[regex, ...])` picks the importer by name
 (`fm_adapt.weights.LOADERS`, detected from the keys when absent) and the parameters that keep
 their fresh initialization (e.g. a new head); each dont_load regex must match a variable of the
@@ -15,8 +15,6 @@ dropped or kept) is printed.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,44 +25,9 @@ import numpy as np
 from fm_adapt import weights
 from fm_adapt import config as config_lib
 from fm_adapt import param_paths
-from fm_adapt.train import files
 from fm_adapt.train import writer
 
 LOAD_KEYS = ("name", "dont_load")
-
-
-def resolve_path(model_init: str) -> epath.Path:
-  """The checkpoint file: as given, else (a relative local path) under $FM_ADAPT_WEIGHTS_DIR.
-
-  A URI (`gs://bucket/w.npz`) stays that string, a local path is made absolute
-  (`files.as_path`); $FM_ADAPT_WEIGHTS_DIR may be a URI too.
-
-  Raises:
-    FileNotFoundError: no such file, naming where it looked.
-    ValueError: a URI whose '//' was collapsed to '/' (what pathlib makes of 'gs://...').
-  """
-  text = os.path.expanduser(os.fspath(model_init))
-  path = files.as_path(text)
-  if path.is_file():
-    return path
-  base = os.environ.get("FM_ADAPT_WEIGHTS_DIR")
-  if base and files.is_local(text) and not os.path.isabs(text):
-    under_base = files.as_path(base) / text
-    if under_base.is_file():
-      return under_base
-  raise FileNotFoundError(
-      f"config.model_init={model_init!r} is not a file (looked as given"
-      f"{' and under FM_ADAPT_WEIGHTS_DIR=' + base if base else ''}). Give a path, or set "
-      "FM_ADAPT_WEIGHTS_DIR to the folder holding it.")
-
-
-def file_sha256(path: epath.PathLike) -> str:
-  """SHA-256 of a file (local or a URI), the id of a base checkpoint recorded with adapted runs."""
-  digest = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def _loaded_variables(path: epath.Path, name: str | None, dont_load: Sequence[str],

@@ -19,21 +19,22 @@ Hugging Face Dinov2Model also counts its `mask_token`, which only masked-image p
 """
 import dataclasses
 import os
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fm_adapt.models import vit
+from fm_adapt.weights import locate
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_import
 
 PREFIX = 'zoo:'
-WEIGHTS_ENV = 'FM_ADAPT_WEIGHTS_DIR'
+WEIGHTS_ENV = locate.WEIGHTS_ENV
 NOT_VERIFIED = 'not verified here: read the model card before use'
 # Input normalisation as `data_pipelines.pp` ops, on the [0, 1] scale.
 IMAGENET = "normalize('imagenet')"
@@ -217,15 +218,15 @@ def get(name: str) -> Entry:
 
 def entry_for_file(path: str | os.PathLike) -> Entry | None:
   """The entry whose published file name is the file's name, if any."""
-  base = pathlib.Path(path).name
+  base = os.fspath(path).rstrip('/').rpartition('/')[2]
   return next((e for e in _ENTRIES if base in e.file_names), None)
 
 
-def find_file(entry: Entry, folder: str | os.PathLike) -> pathlib.Path | None:
+def find_file(entry: Entry, folder: str | os.PathLike) -> epath.Path | None:
   """The entry's checkpoint in a folder: a published file name, or '<name>.<ext>'."""
   names = entry.file_names + tuple(entry.name + ext for ext in readers.SUPPORTED_SUFFIXES)
-  return next((pathlib.Path(folder) / n for n in names if (pathlib.Path(folder) / n).is_file()),
-              None)
+  folder = epath.Path(folder)
+  return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 def is_spec(model_init: Any) -> bool:
@@ -233,8 +234,10 @@ def is_spec(model_init: Any) -> bool:
   return isinstance(model_init, str) and model_init.startswith(PREFIX)
 
 
-def parse_spec(spec: str) -> tuple[Entry, pathlib.Path]:
-  """'zoo:NAME:PATH' or 'zoo:PATH' (a published file name) -> (entry, path as given).
+def parse_spec(spec: str) -> tuple[Entry, str]:
+  """'zoo:NAME:PATH' or 'zoo:PATH' (a published file name) -> (entry, PATH exactly as written).
+
+  PATH may be a URI ('zoo:retfound_cfp:gs://b/w.pth', 'zoo:gs://b/RETFound_cfp_weights.pth').
 
   Raises:
     ValueError: not a 'zoo:' spec, an unknown name (listing the known ones), or 'zoo:PATH'
@@ -245,30 +248,23 @@ def parse_spec(spec: str) -> tuple[Entry, pathlib.Path]:
   rest = spec[len(PREFIX):]
   name, sep, path = rest.partition(':')
   if sep and name in ENTRIES:
-    return ENTRIES[name], pathlib.Path(path)
-  if sep and '/' not in name and not pathlib.Path(rest).exists():
+    return ENTRIES[name], path
+  is_uri = sep and path.startswith('//')
+  if sep and not is_uri and '/' not in name and not os.path.exists(rest):
     get(name)  # Raises, listing the known names.
   entry = entry_for_file(rest)
   if entry is None:
     known = sorted(f for e in _ENTRIES for f in e.file_names)
     raise ValueError(
-        f"{spec!r}: the file name {pathlib.Path(rest).name!r} is not a published name the "
+        f"{spec!r}: the file name {epath.Path(rest).name!r} is not a published name the "
         f"catalogue knows ({known}); name the model: 'zoo:NAME:{rest}' with NAME one of "
         f'{sorted(ENTRIES)}.')
-  return entry, pathlib.Path(rest)
+  return entry, rest
 
 
-def resolve_path(path: str | os.PathLike) -> pathlib.Path:
-  """The file as given, else under $FM_ADAPT_WEIGHTS_DIR."""
-  path = pathlib.Path(path).expanduser()
-  base = os.environ.get(WEIGHTS_ENV)
-  if not path.is_file() and base and (pathlib.Path(base) / path).is_file():
-    return pathlib.Path(base) / path
-  if not path.is_file():
-    raise FileNotFoundError(f'No checkpoint file at {path}'
-                            + (f' (nor under {WEIGHTS_ENV}={base})' if base else '')
-                            + f'; set {WEIGHTS_ENV} to the folder holding it, or give the path.')
-  return path
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+  """The file as given (a local path or a URI), else under $FM_ADAPT_WEIGHTS_DIR."""
+  return locate.resolve_path(path)
 
 
 def model_config(entry: Entry | str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 
 from fm_adapt import config as config_lib
 from fm_adapt.train import loop, pretrained
-from fm_adapt.weights import native
+from fm_adapt.weights import locate, native
 
 
 def test_overlay_keeps_dont_load_and_names_shape_mismatch():
@@ -74,7 +74,7 @@ def test_dont_load_regex_that_matches_nothing_is_an_error(tmp_path):
 def test_missing_checkpoint_file_is_clear(monkeypatch):
   monkeypatch.delenv("FM_ADAPT_WEIGHTS_DIR", raising=False)
   with pytest.raises(FileNotFoundError, match="FM_ADAPT_WEIGHTS_DIR"):
-    pretrained.resolve_path("no_such_weights.npz")
+    locate.resolve_path("no_such_weights.npz")
 
 
 @pytest.mark.real_data("the real EfficientNet-Lite0 ImageNet weights (sha256 ce66bb4a...) start a "

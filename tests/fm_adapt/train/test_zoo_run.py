@@ -22,8 +22,8 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
 from fm_adapt import config as config_lib
-from fm_adapt.train import loop, model_fns, pretrained
-from fm_adapt.weights import readers, zoo
+from fm_adapt.train import loop, model_fns
+from fm_adapt.weights import locate, readers, zoo
 
 SPEC = types.SimpleNamespace(num_classes=2, task="multiclass")
 WIDTH, DEPTH, MLP = 32, 2, 64  # The 'mu' variant.
@@ -223,9 +223,9 @@ def bucket(tmp_path, monkeypatch):
 def test_gs_checkpoints_resolve_hash_and_load_through_epath(reduced_zoo, bucket, monkeypatch):
   sd = retfound_file(bucket / "retfound.safetensors")
   uri = "gs://bucket/retfound.safetensors"
-  path = pretrained.resolve_path(uri)
+  path = locate.resolve_path(uri)
   assert isinstance(path, epath.Path) and str(path) == uri
-  assert pretrained.file_sha256(uri) == hashlib.sha256(
+  assert locate.file_sha256(uri) == hashlib.sha256(
       (bucket / "retfound.safetensors").read_bytes()).hexdigest()
   assert sorted(readers.read_arrays(uri)) == sorted(sd)
   fns = _build(f"zoo:retfound_cfp:{uri}")
@@ -235,12 +235,12 @@ def test_gs_checkpoints_resolve_hash_and_load_through_epath(reduced_zoo, bucket,
   # The weights dir may be a bucket too; an .npz there is read (keys listed, loaded) via epath.
   np.savez(bucket / "plain.npz", **{k.replace(".", "_"): v for k, v in sd.items()})
   monkeypatch.setenv("FM_ADAPT_WEIGHTS_DIR", "gs://bucket")
-  assert str(pretrained.resolve_path("plain.npz")) == "gs://bucket/plain.npz"
+  assert str(locate.resolve_path("plain.npz")) == "gs://bucket/plain.npz"
   assert readers.list_keys("gs://bucket/plain.npz")[0] == "cls_token"
   with pytest.raises(ValueError, match="'gs://bucket/retfound.safetensors'"):
-    pretrained.resolve_path("gs:/bucket/retfound.safetensors")  # pathlib's collapsed URI.
+    locate.resolve_path("gs:/bucket/retfound.safetensors")  # pathlib's collapsed URI.
   with pytest.raises(FileNotFoundError, match="FM_ADAPT_WEIGHTS_DIR=gs://bucket"):
-    pretrained.resolve_path("missing.npz")
+    locate.resolve_path("missing.npz")
 
 
 def test_adaptation_parameters_keep_their_init_beside_the_catalogue_load(reduced_zoo, tmp_path):

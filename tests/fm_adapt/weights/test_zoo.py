@@ -99,7 +99,11 @@ def test_specs_by_name_and_by_published_file_name():
   entry, path = zoo.parse_spec('zoo:uni:/w/pytorch_model.bin')
   assert entry.name == 'uni' and str(path) == '/w/pytorch_model.bin'
   entry, path = zoo.parse_spec('zoo:/w/RETFound_cfp_weights.pth')
-  assert entry.name == 'retfound_cfp' and path.name == 'RETFound_cfp_weights.pth'
+  assert entry.name == 'retfound_cfp' and path == '/w/RETFound_cfp_weights.pth'
+  # A URI keeps its '//', named or found by its published file name.
+  assert zoo.parse_spec('zoo:uni:gs://b/w/pytorch_model.bin')[1] == 'gs://b/w/pytorch_model.bin'
+  entry, path = zoo.parse_spec('zoo:gs://b/RETFound_cfp_weights.pth')
+  assert entry.name == 'retfound_cfp' and path == 'gs://b/RETFound_cfp_weights.pth'
   assert zoo.entry_for_file('x/dinov2_vitl14_reg4_pretrain.pth').name == 'dinov2_vitl14_reg'
   assert zoo.model_config('rad_dino')['posemb_resize'] == 'bicubic'
   assert '| `biomedclip` |' in zoo.table()
