@@ -43,6 +43,7 @@ from fm_adapt.adapt import adapters, lora, prompts
 from fm_adapt import param_paths
 
 Params = dict[str, Any]
+Shape = tuple[int, ...]
 Rule = tuple[str, Any]
 ApplyFn = Callable[..., Any]
 
@@ -56,8 +57,8 @@ class Part:
 
   Attributes:
     patterns: regexes of the parameters it makes trainable.
-    init: `init(base_params, rng) -> tree` of its own parameters (disjoint from the base), or
-      None when it adds none.
+    init: `init(base_params, rng, image_shape) -> tree` of its own parameters (disjoint from
+      the base), or None when it adds none.
     wrap: wraps a `state.make_apply_fn`-style apply function, or None.
     merge: `merge(params) -> params` folding it into the base parameters for export, or None.
   """
@@ -73,15 +74,17 @@ class Adaptation:
 
   Attributes:
     model_kwargs: the model's kwargs, unchanged (transforms add no model fields).
-    init_extra: `init_extra(params, rng) -> params`, adding the transforms' own parameters
-      (each made from the base parameters) to an initialized (or `eval_shape`d) tree.
+    init_extra: `init_extra(params, rng, image_shape=None) -> params`, adding the transforms'
+      own parameters (each made from the base parameters) to an initialized (or `eval_shape`d)
+      tree; `image_shape` (H, W, C) of the images run sizes what depends on the token count
+      (EPT), else the stored position-embedding grid does.
     wrap_apply: wraps a `state.make_apply_fn`-style apply function (applies the transforms).
     trainable_patterns: regexes of the parameters the transforms make trainable.
     merge: `merge(params) -> params` for export (folds LoRA into the kernels).
     transforms: the checked transform configs, in order.
   """
   model_kwargs: dict[str, Any]
-  init_extra: Callable[[Params, jax.Array], Params]
+  init_extra: Callable[..., Params]
   wrap_apply: Callable[[ApplyFn], ApplyFn]
   trainable_patterns: list[str]
   merge: Callable[[Params], Params]
@@ -108,7 +111,8 @@ def _lora(cfg: dict[str, Any], model_name: str) -> Part:
     raise ValueError("lora needs non-empty 'targets' (kernel path regexes).")
   scale = lora.scaling(cfg['rank'], cfg.get('alpha'), rslora=cfg.get('rslora', False))
 
-  def init(params: Params, rng: jax.Array) -> Params:
+  def init(params: Params, rng: jax.Array, image_shape: Shape | None = None) -> Params:
+    del image_shape  # LoRA factors follow the kernels' shapes.
     if lora.LORA_KEY in params:
       raise ValueError(f"params already hold a {lora.LORA_KEY!r} subtree.")
     mask = param_paths.make_mask(params, targets, what='LoRA target')
@@ -124,7 +128,8 @@ def _lora(cfg: dict[str, Any], model_name: str) -> Part:
 def _prompt_part(prompt: dict[str, Any]) -> Part:
   prompt = prompts.check_config(prompt)
   return Part(('prompt/.*',),
-              lambda params, rng: {prompts.PROMPT_KEY: prompts.init(params, prompt, rng)},
+              lambda params, rng, image_shape=None: {prompts.PROMPT_KEY: prompts.init(
+                  params, prompt, rng, image_shape=image_shape)},
               lambda fn: prompts.wrap_apply_fn(fn, prompt))
 
 
@@ -145,7 +150,8 @@ def _ept(cfg: dict[str, Any], model_name: str) -> Part:
 def _adapter(cfg: dict[str, Any], model_name: str) -> Part:
   checked = adapters.check_config({k: v for k, v in cfg.items() if k != NAME_KEY}, model_name)
   return Part(('.*adapter.*',),
-              lambda params, rng: adapters.init(params, checked, model_name, rng),
+              lambda params, rng, image_shape=None: adapters.init(params, checked, model_name,
+                                                                  rng),
               lambda fn: adapters.wrap_apply_fn(fn, checked, model_name))
 
 
@@ -205,12 +211,13 @@ def _checked(adapt_cfgs: Sequence[Mapping[str, Any]] | None) -> list[dict[str, A
   return checked
 
 
-def _make_init_extra(parts: Sequence[Part]) -> Callable[[Params, jax.Array], Params]:
-  def init_extra(params: Params, rng: jax.Array) -> Params:
+def _make_init_extra(parts: Sequence[Part]) -> Callable[..., Params]:
+  def init_extra(params: Params, rng: jax.Array, image_shape: Shape | None = None) -> Params:
     with_init = [p for p in parts if p.init is not None]
     keys = jax.random.split(rng, max(len(with_init), 1))
     # Each transform sees the base parameters only (a LoRA target never selects an adapter).
-    return param_paths.merge(params, *(p.init(params, key) for p, key in zip(with_init, keys)))
+    return param_paths.merge(params, *(p.init(params, key, image_shape)
+                                       for p, key in zip(with_init, keys)))
   return init_extra
 
 

@@ -176,7 +176,8 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
     def init_fn(rng):
       variables = model_init(rng)
       extra_rng = jax.random.fold_in(rng, 1)
-      return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng))
+      return dict(variables, params=adaptation.init_extra(variables["params"], extra_rng,
+                                                          image_shape=tuple(image_shape)))
 
   if not checkpoint:
     return ModelFns(init_fn, apply_fn, adaptation, model=model)

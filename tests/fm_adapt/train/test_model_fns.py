@@ -109,3 +109,19 @@ def test_remat_step_equals_the_plain_step():
   np.testing.assert_allclose(remat_m['l2_grads'], plain_m['l2_grads'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                remat['params'], plain['params'])
+
+
+def test_ept_is_sized_by_the_images_run_not_the_stored_position_grid():
+  """A ViT storing its position grid at 3x3 (pretraining resolution) run on 8x8 images with
+  4-px patches (2x2): EPT's table has one row per token of the images run (1 + 4)."""
+  config = _config(adapt=[dict(name='ept', num_tokens=2)])
+  config.model = dict(variant='mu/4', head_zeroinit=False, posemb_grid=3,
+                      posemb_resize='bicubic')
+  fns = model_fns.build_model(config, SPEC, IMAGE_SHAPE)
+  variables = fns.init_fn(jax.random.key(0))
+  assert variables['params']['pos_embedding'].shape[1] == 9
+  ept = variables['params']['prompt']['ept']
+  assert ept.shape[1] == 1 + 4, ept.shape
+  images = jnp.zeros((2, *IMAGE_SHAPE))
+  logits, _, _ = fns.apply_fn(variables['params'], {}, images, train=False, rng=None)
+  assert logits.shape == (2, SPEC.num_classes)
