@@ -130,14 +130,14 @@ def test_signal_during_download_removes_the_part_file_and_temp_folders(tmp_path,
     assert [p.name.startswith('fm_adapt_tfds_downloads_') for p in temp.iterdir()] == [True]
     start = time.monotonic()
     proc.send_signal(signum)
-    try:
-      _, stderr = proc.communicate(timeout=20)
+    try:  # The server never sends the rest: without the handler the process would hang.
+      _, stderr = proc.communicate(timeout=120)  # Generous: a loaded 2-core CI box is slow.
     finally:
       proc.kill()
     elapsed = time.monotonic() - start
   name = signal.Signals(signum).name
   assert proc.returncode == 128 + signum, stderr
-  assert elapsed < 10
+  assert elapsed < 60
   assert f'stopped by {name}; the partial file was removed' in stderr
   assert f'{url}/breastmnist.npz' in stderr and 'Run the same command again' in stderr
   assert everything_under(data) == []  # No .part file, no medmnist/ folder made for it.
