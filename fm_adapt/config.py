@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from data_pipelines import subsets
+
 # Top-level keys a run config may hold; anything else is a typo and fails at once.
 RUN_KEYS = {
     "seed": "int, the run's seed (params init, data order, dropout).",
@@ -93,6 +95,11 @@ INPUT_KEYS = {
     "worker_count": "grain worker processes (0: in the main process).",
     "last_batch": ("'pad': whole epochs, the last batch padded and masked (PyTorch's "
                    "drop_last=False); 'carry': batches run on across epoch boundaries."),
+    "label_fraction": ("share of the training split to train on, in (0, 1] (default 1.0): a "
+                       "class-stratified subset fixed by the seed and the labels alone, the same "
+                       "for every model and adaptation, at least one example per class, nested "
+                       "across fractions (data_pipelines.subsets); epochs are over the subset, "
+                       "evaluation splits are whole."),
 }
 
 
@@ -109,7 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model_init = placeholder(str)
   config.model_load = ml_collections.ConfigDict()
   config.adapt = ()
-  config.input = ml_collections.ConfigDict(dict(worker_count=0, last_batch="pad"))
+  config.input = ml_collections.ConfigDict(dict(worker_count=0, last_batch="pad",
+                                                label_fraction=1.0))
   config.evals = ml_collections.ConfigDict()
   config.loss = ml_collections.ConfigDict()
   config.total_epochs = placeholder(float)
@@ -171,6 +179,11 @@ def _literal(value: str) -> Any:
     return value
 
 
+def check_label_fraction(value: Any) -> float:
+  """Returns `config.input.label_fraction` (None means 1.0); fails unless it is in (0, 1]."""
+  return 1.0 if value is None else subsets.check_fraction(value, "config.input.label_fraction")
+
+
 def _check_batch_size(value: Any, key: str, required: bool = False) -> None:
   if value is None and not required:
     return
@@ -196,9 +209,9 @@ def check_known_keys(entry: Mapping[str, Any], valid: Sequence[str], where: str)
 
 def validate(config: Mapping[str, Any]) -> None:
   """Fails on a bad run config before anything is built: unknown top-level or `input` keys
-  (listing the valid ones), batch sizes that are not positive ints, an unknown `dtype`, a
-  `grad_accum_steps` that is not a positive int (or does not divide the batch size), a
-  non-bool `remat`."""
+  (listing the valid ones), batch sizes that are not positive ints, a `label_fraction` outside
+  (0, 1], an unknown `dtype`, a `grad_accum_steps` that is not a positive int (or does not
+  divide the batch size), a non-bool `remat`."""
   unknown = sorted(set(config.keys()) - set(RUN_KEYS))
   if unknown:
     valid = "\n".join(f"  {k}: {v}" for k, v in sorted(RUN_KEYS.items()))
@@ -211,6 +224,7 @@ def validate(config: Mapping[str, Any]) -> None:
   _check_batch_size(inputs.get("eval_batch_size"), "config.input.eval_batch_size")
   for name, entry in (config.get("evals") or {}).items():
     _check_batch_size(dict(entry).get("batch_size"), f"config.evals.{name}.batch_size")
+  check_label_fraction(inputs.get("label_fraction"))
   check_dtype(config.get("dtype", "float32"))
   check_remat(config.get("remat"))
   steps = check_grad_accum_steps(config.get("grad_accum_steps"))

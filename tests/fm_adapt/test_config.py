@@ -94,3 +94,21 @@ def test_precision_and_accumulation_keys_accept_their_valid_values():
   config = _valid_config()
   config.dtype, config.remat, config.grad_accum_steps = "bfloat16", True, 4
   config_lib.validate(config)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, float("nan"), "0.1", True])
+def test_label_fraction_outside_0_1_is_an_error_naming_the_key(value):
+  config = _valid_config().to_dict()
+  config["input"]["label_fraction"] = value
+  with pytest.raises(ValueError, match=r"config.input.label_fraction=.*: set it to a number in "
+                                       r"\(0, 1\]"):
+    config_lib.validate(config)
+
+
+def test_label_fraction_defaults_to_the_whole_split_and_takes_valid_values():
+  config = _valid_config()
+  assert config.input.label_fraction == 1.0
+  for value in (1.0, 0.25, 1e-3, 1):
+    config.input.label_fraction = value
+    config_lib.validate(config)
+  assert config_lib.check_label_fraction(None) == 1.0
