@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from data_pipelines import corruptions
+
 Example = dict
 Op = Callable[[Example, np.random.Generator], Example]
 
@@ -151,6 +153,13 @@ def _to_float(example: Example, rng: np.random.Generator) -> Example:
   return _with_image(example, np.asarray(example['image'], dtype=np.float32))
 
 
+def _corrupt(example: Example, rng: np.random.Generator, *, name: str, severity: int, seed: int,
+             modality: str) -> Example:
+  del rng  # The corruption's draws come from (seed, the image's bytes): deterministic.
+  image = _image_2d(example, 'corrupt')
+  return _with_image(example, corruptions.corrupt(image, name, severity, modality, seed))
+
+
 # ----------------------------------------------------------------------------------------------
 # Factories: check the arguments of the pp string and bind them.
 
@@ -248,6 +257,31 @@ def to_float() -> Op:
   return _to_float
 
 
+def corrupt(name: str, severity: int, seed: int = 0, modality: str | None = None) -> Op:
+  """A MedMNIST-C corruption (`data_pipelines.corruptions.corrupt`), deterministic.
+
+  It works on the raw uint8 image: put it before `value_range` / `normalize` / `to_float`, e.g.
+  `corrupt('jpeg', 3, modality='chest_xray')|value_range(-1, 1)`. MedMNIST-C corrupts 224-px
+  images and its blur sizes are in pixels: to reproduce the benchmark from smaller archives, put
+  `resize(224)` before it. The noise is fixed by (seed, the image's bytes), not by the loader's
+  rng, so the op may sit in an evaluation pp.
+
+  Args:
+    name: a corruption of the modality (`corruptions.MODALITIES[modality]`).
+    severity: 1 (mildest) .. 5.
+    seed: an int >= 0.
+    modality: 'chest_xray', 'ultrasound' or 'fundus' (`corruptions.MODALITIES`); required, since
+      the same corruption has other parameters in another modality (`corruptions.MODALITY_OF_FLAG`
+      gives it for a MedMNIST flag).
+  """
+  if modality is None:
+    raise ValueError(f'corrupt({name!r}, {severity!r}): pass modality=, one of '
+                     f'{sorted(corruptions.MODALITIES)} (the same corruption has other parameters '
+                     f'per modality; by MedMNIST flag: {corruptions.MODALITY_OF_FLAG}).')
+  corruptions.check(name, severity, modality, seed)
+  return functools.partial(_corrupt, name=name, severity=severity, seed=seed, modality=modality)
+
+
 PP_OPS: dict[str, Callable[..., Op]] = {
     'resize': resize,
     'center_crop': center_crop,
@@ -259,6 +293,7 @@ PP_OPS: dict[str, Callable[..., Op]] = {
     'flip_ud': flip_ud,
     'rot90': rot90,
     'to_float': to_float,
+    'corrupt': corrupt,
 }
 
 # Whether each op draws from its rng (an augmentation). Every op of PP_OPS declares it: evaluation
@@ -275,6 +310,7 @@ RANDOM_OPS: dict[str, bool] = {
     'flip_ud': True,
     'rot90': True,
     'to_float': False,
+    'corrupt': False,
 }
 
 _OP_RE = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\((.*)\))?\s*$', re.DOTALL)

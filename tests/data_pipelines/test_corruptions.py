@@ -1,9 +1,10 @@
-"""Tests of the MedMNIST-C corruptions (data_pipelines.corruptions)."""
+"""Tests of the MedMNIST-C corruptions (data_pipelines.corruptions) and the pp op `corrupt`."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipelines import corruptions
+from data_pipelines import pp
 
 PAIRS = sorted(corruptions.SEVERITY_PARAMS)  # (modality, name)
 REAL_SETS = {'pneumoniamnist': 'chest_xray', 'breastmnist': 'ultrasound', 'retinamnist': 'fundus'}
@@ -222,3 +223,31 @@ def test_unknown_choices_name_the_valid_ones():
   with pytest.raises(ValueError, match='uint8 image'):
     corruptions.corrupt(np.zeros((8, 8, 2), np.uint8), 'jpeg', 1, 'fundus', 0)
 
+
+def test_pp_op_equals_the_function():
+  image = synthetic(28, 3)
+  spec = "corrupt('speckle_noise', 2, seed=3, modality='fundus')"
+  out = pp.parse(f'{spec}|value_range(0, 1)')({'image': image, 'label': 1},
+                                              np.random.default_rng(0))
+  want = corruptions.corrupt(image, 'speckle_noise', 2, 'fundus', 3)
+  np.testing.assert_allclose(out['image'], want / 255.0, atol=1e-6)
+  assert out['label'] == 1
+  # Deterministic: not dropped from an eval pp, allowed in one; the loader's rng is not used.
+  assert pp.random_ops(spec) == [] and pp.drop_random(f'{spec}|flip_lr') == spec
+  pp.check_deterministic(spec, 'config.evals.x.pp')
+  again = pp.parse(spec)({'image': image}, np.random.default_rng(99))['image']
+  np.testing.assert_array_equal(again, want)
+
+
+def test_pp_op_errors():
+  with pytest.raises(ValueError, match="pass modality=, one of.*'chest_xray'"):
+    pp.parse("corrupt('jpeg', 1)")
+  with pytest.raises(ValueError, match="Unknown corruption 'blur'.*'pixelate'"):
+    pp.parse("corrupt('blur', 1, modality='ultrasound')")
+  with pytest.raises(ValueError, match='Severity must be one of'):
+    pp.parse("corrupt('jpeg', 6, modality='ultrasound')")
+  with pytest.raises(ValueError, match='seed must be an int >= 0'):
+    pp.parse("corrupt('jpeg', 1, seed=-2, modality='ultrasound')")
+  with pytest.raises(ValueError, match='uint8 image.*before value_range'):
+    pp.parse("value_range(0, 1)|corrupt('jpeg', 1, modality='ultrasound')")(
+        {'image': synthetic(28, 1)}, np.random.default_rng(0))
