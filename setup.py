@@ -20,6 +20,7 @@ setuptools.setup(
         "ml_dtypes>=0.5,<1",
         "etils[epath]>=1.7,<2",
         "scikit-learn>=1.5,<2",
+        "scipy>=1.11,<2",
         "matplotlib>=3.9,<4",
         "pillow>=10,<13",
         "safetensors>=0.4,<1",

@@ -209,7 +209,8 @@ def test_resize_unknown_method_names_the_valid_ones():
 _EVERY_OP = {'resize': 'resize(5)', 'center_crop': 'center_crop(4)',
              'random_crop': 'random_crop(4)', 'gray_to_rgb': 'gray_to_rgb',
              'value_range': 'value_range', 'normalize': 'normalize(0.5, 0.25)',
-             'flip_lr': 'flip_lr', 'flip_ud': 'flip_ud', 'rot90': 'rot90', 'to_float': 'to_float'}
+             'flip_lr': 'flip_lr', 'flip_ud': 'flip_ud', 'rot90': 'rot90', 'to_float': 'to_float',
+             'corrupt': "corrupt('gaussian_noise', 3, modality='chest_xray')"}
 
 
 def test_every_op_declares_truly_whether_it_is_random():
