@@ -16,10 +16,11 @@ import numpy as np
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
+from data_pipelines import subsets
 from fm_adapt import config as config_lib
 from fm_adapt.adapt import compose
 from fm_adapt.evaluators import classification as cls_eval
-from fm_adapt.evaluators import check_not_empty, make_evaluators
+from fm_adapt.evaluators import check_not_empty, make_evaluators, split_labels
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import model_fns as model_fns_lib
@@ -44,6 +45,8 @@ class Run:
   base_checkpoint: dict[str, str] | None = None
   adaptation: Any = None
   padded_epochs: bool = True
+  label_fraction: float = 1.0
+  train_class_counts: dict[str, int] | None = None
 
   def epoch_of(self, step: int) -> float:
     """Epochs done after `step` steps: whole epochs of `steps_per_epoch` when each ends in a
@@ -103,6 +106,23 @@ def check_batch(batch_size: int, grad_accum_steps: Any = 1) -> None:
     raise ValueError(f"config.input.batch_size={batch_size} must be divisible by the {devices} "
                      f"devices{accum} = {steps * devices}: make it a multiple of "
                      f"{steps * devices}.")
+
+
+def training_subset(source: Any, spec: Any, fraction: float, seed: int
+                    ) -> tuple[Any, dict[str, int]]:
+  """The examples a run trains on, and their count per class (multi-label: positives per label).
+
+  `fraction` < 1 keeps the class-stratified subset of `data_pipelines.subsets` (fixed by the seed
+  and the labels alone, so every model and adaptation of a study trains on the same examples);
+  1 keeps the split as it is.
+  """
+  labels = split_labels(source)
+  if fraction < 1:
+    indices = subsets.stratified_subset(labels, fraction, seed)
+    source = subsets.Subset(source, indices, f"label_fraction={fraction!r}, seed={seed}")
+    labels = labels[indices]
+  counts = subsets.class_counts(labels, spec.num_classes)
+  return source, dict(zip(map(str, spec.class_names), counts))
 
 
 LAST_BATCH = ("pad", "carry")
@@ -171,6 +191,9 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   batch_size = config.input.batch_size
   check_batch(batch_size, config.get("grad_accum_steps"))
   seed = config.get("seed", 0)
+  split_size = len(source)
+  fraction = config_lib.check_label_fraction(config.input.get("label_fraction"))
+  source, class_counts = training_subset(source, spec, fraction, seed)
   train_loader, steps_per_epoch, total_steps = make_train_loader(config, source, seed)
   # rbg keys: the same quality for init and dropout, and far faster to compile on CPU than
   # threefry when a model has many parameter shapes (EfficientNet-Lite0 init: 35 s -> 15 s).
@@ -187,7 +210,9 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
   evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)
-  writer_lib.console(f"Run: {len(source)} train examples, batch {batch_size}"
+  subset = (f" of {split_size} (label_fraction {fraction:g}, per class {class_counts})"
+            if fraction < 1 else "")
+  writer_lib.console(f"Run: {len(source)}{subset} train examples, batch {batch_size}"
                      f"{_memory_note(config)}, {steps_per_epoch} steps/epoch, {total_steps} "
                      f"steps, mesh {dict(mesh.shape)}, data {spec.name}")
   return Run(mesh=mesh, spec=spec, train_loader=train_loader, batch_size=batch_size,
@@ -196,4 +221,5 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
              total_steps=total_steps, rng=train_rng,
              init_state=init_state, update_fn=update,
              evaluators=evaluators, periodic_evals=periodic, base_checkpoint=model_fns.base,
-             adaptation=model_fns.adaptation)
+             adaptation=model_fns.adaptation, label_fraction=fraction,
+             train_class_counts=class_counts)

@@ -26,6 +26,7 @@ from fm_adapt import param_paths
 from fm_adapt.weights import native
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.train import checkpoint as ckpt_lib
+from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import files
 from fm_adapt.train import finite
 from fm_adapt.train import interrupt
@@ -73,6 +74,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                        ) -> dict[str, Any]:
   """Trains, evaluates and tests one run; returns (and writes) `results.json`.
 
+  Beside the metrics, `results.json` records the training subset (`label_fraction`,
+  `num_train_examples`, `train_class_counts`) and the run's costs (`costs.RunCosts.fields`:
+  `step_time_s`, `timed_steps`, `resumed_from_step`, `wall_time_s`, `peak_memory_bytes`,
+  `peak_memory_source`, `peak_memory_upper_bound`).
+
   Args:
     config: the run config (see `fm_adapt.config.RUN_KEYS`).
     workdir: the run's directory (a local path or a `gs://` URI); an existing checkpoint there
@@ -100,13 +106,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                     best_metric=best_metric)
     writer = None
     try:
+      costs = costs_lib.RunCosts()
       iterator = iter(run.train_loader)
       state, start = _restore_or_init(run, ckpt, iterator)
+      costs.resumed_from_step = start
       _write_param_counts(workdir, state)
       update_fn = step_lib.jit_update(run.update_fn, state, run.mesh)
       writer = writer_lib.MetricWriter(workdir, resume_step=start)
-      state = _train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir)
+      state = _train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir,
+                     step_timer=costs.step_timer)
       results = _final_results(config, run, ckpt, workdir, state)
+      results.update(costs.fields())
     finally:
       ckpt.wait()
       ckpt.close()
@@ -171,14 +181,17 @@ def _write_param_counts(workdir: epath.Path, state: Mapping[str, Any]) -> None:
 
 
 def _train(config, run, update_fn, state, iterator, ckpt, writer, start: int,
-           workdir: epath.Path) -> dict[str, Any]:
-  """Trains steps `start + 1 .. total` (none for a finished run); returns the final state."""
+           workdir: epath.Path, step_timer: costs_lib.StepTimer | None = None
+           ) -> dict[str, Any]:
+  """Trains steps `start + 1 .. total` (none for a finished run); returns the final state.
+
+  `step_timer` is told when steps are done (`costs.StepTimer`; a fresh one when None)."""
   bar = tqdm.tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not config.get("progress", True) or jax.process_index() != 0)
   with interrupt.StopOnSignal() as stop:
     try:
       return _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start, bar,
-                          stop, workdir)
+                          stop, workdir, step_timer or costs_lib.StepTimer())
     finally:
       writer.flush()
       bar.close()
@@ -195,11 +208,13 @@ def _check_finite(step: int, measurements: Mapping[str, Any], ckpt: ckpt_lib.Run
 
 
 def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: int, bar,
-                 stop: interrupt.StopOnSignal, workdir: epath.Path) -> dict[str, Any]:
+                 stop: interrupt.StopOnSignal, workdir: epath.Path,
+                 step_timer: costs_lib.StepTimer) -> dict[str, Any]:
   """Steps `start + 1 .. total`: log, evaluate, checkpoint; a stop request saves and raises.
 
   Every step's loss and parameter norm are checked, one step late to keep dispatch
-  asynchronous, and at once at a step that is logged, evaluated or saved.
+  asynchronous, and at once at a step that is logged, evaluated or saved. Each check waits for
+  its step, and tells `step_timer` it is done (no wait is added for timing).
   """
   total = run.total_steps
   log_every = config.get("log_every", 50) or 50
@@ -212,6 +227,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
     state, measurements = update_fn(state, run.rng, batch)
     if previous is not None:
       _check_finite(*previous, ckpt, workdir)
+      step_timer.done(previous[0])
     previous = (step, measurements)
     bar.update(1)
     stopping = stop.requested(step) and step < total
@@ -220,6 +236,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
     save = step % ckpt_every == 0 or step == total
     if stopping or log or evaluate or save:
       _check_finite(step, measurements, ckpt, workdir)
+      step_timer.done(step)
     if log or stopping:  # The stopping step's metrics are written: a resume starts after it.
       timer = _log_train(step, measurements, timer, run, writer, bar)
     if stopping:
@@ -230,6 +247,8 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       _evaluate_periodic(step, state, run, ckpt, writer, bar)
     if save:
       ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
+    if evaluate or save:
+      step_timer.pause()  # The next step's interval holds the evaluation or the save.
   return state
 
 
@@ -311,7 +330,8 @@ def _final_results(config, run, ckpt, workdir, state) -> dict[str, Any]:
       "metrics": metrics, "data": dataclasses.asdict(run.spec),
       "model_name": config.model_name, "model": dict(config.get("model", {})),
       "seed": config.get("seed", 0), "base_checkpoint": run.base_checkpoint,
-      "export": str(export),
+      "export": str(export), "label_fraction": run.label_fraction,
+      "num_train_examples": run.num_train_examples, "train_class_counts": run.train_class_counts,
       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(state["params"]))),
       "total_params": int(sum(np.size(x) for x in jax.tree.leaves(
           (state["params"], state["frozen"])))),
