@@ -3,6 +3,7 @@
 A metric a run leaves undefined (None or NaN, e.g. an AUC on a split missing a class) is left out
 of its group's mean, and the cell says so: `0.850 ± 0.071 (2 of 3 seeds)`; `n/a` when no run of
 the group defines it. The CSV has `<metric>_mean`, `_std` and `_n` (runs that define it) columns.
+Plain float cells (e.g. a ratio of means) show `digits` significant digits, NaN as `n/a`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import numpy as np
 
 # The metric columns of a study's table: the best checkpoint's test metrics, then its val AUC.
 STUDY_METRICS = ("test/auc", "test/acc", "test/bal_acc", "test/mcc", "val/auc")
+# The cost columns of a study's table (mean +- std over seeds, fm_adapt.train.costs): the median
+# training-step time in milliseconds, the run's wall time in seconds, its peak memory in MiB.
+STUDY_COSTS = ("step_time_ms", "wall_time_s", "peak_memory_mib")
 
 
 class Stat(NamedTuple):
@@ -54,6 +58,24 @@ def aggregate(groups: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequen
   return rows
 
 
+def ratio_to(rows: Sequence[Mapping[str, Any]], metric: str, reference: str, name: str
+             ) -> list[dict[str, Any]]:
+  """The rows with a `name` column: each row's mean of `metric` over the `reference` row's.
+
+  NaN where either mean is undefined.
+
+  Raises:
+    KeyError: when no row has `run` == `reference`, naming the runs.
+  """
+  by_run = {row["run"]: row for row in rows}
+  if reference not in by_run:
+    raise KeyError(f"No run {reference!r} to compare {metric} with; runs: {list(by_run)}")
+  base = by_run[reference][metric].mean
+  defined = not math.isnan(base) and base > 0
+  return [dict(row, **{name: row[metric].mean / base if defined else float("nan")})
+          for row in rows]
+
+
 def _cell(value: Any, digits: int) -> str:
   if isinstance(value, Stat):
     if value.n == 0:
@@ -64,6 +86,8 @@ def _cell(value: Any, digits: int) -> str:
     return text if value.n == value.runs else f"{text} ({value.n} of {value.runs} seeds)"
   if isinstance(value, int) and not isinstance(value, bool):
     return f"{value:,}"
+  if isinstance(value, float):
+    return "n/a" if math.isnan(value) else f"{value:.{digits}g}"
   return str(value)
 
 

@@ -1,6 +1,8 @@
 """Tests of results tables."""
 import math
 
+import pytest
+
 from fm_adapt.report import tables
 
 
@@ -40,3 +42,28 @@ def test_study_columns_hold_balanced_accuracy_and_mcc_beside_acc_and_auc():
   md = tables.to_markdown(rows, ["run", *tables.STUDY_METRICS])
   assert md.splitlines()[0] == "| run | test/auc | test/acc | test/bal_acc | test/mcc | val/auc |"
   assert "| base | 0.900 | 0.800 | 0.750 | 0.500 | 0.910 |" in md
+
+
+def test_ratio_to_a_reference_row():
+  groups = {"full": [{"step_time_ms": 10.0}, {"step_time_ms": 14.0}],
+            "lora": [{"step_time_ms": 6.0}], "old": [{"step_time_ms": None}]}
+  rows = tables.ratio_to(tables.aggregate(groups, ["step_time_ms"]), "step_time_ms", "full",
+                         "step_time_ratio")
+  assert [r["step_time_ratio"] for r in rows[:2]] == [1.0, 0.5]
+  assert math.isnan(rows[2]["step_time_ratio"])  # No step time: no ratio, never a 0.
+  md = tables.to_markdown(rows, ["run", "step_time_ms", "step_time_ratio"])
+  assert "| lora | 6.000 | 0.5 |" in md and "| old | n/a | n/a |" in md
+  assert "lora,6.0,nan,1,0.5" in tables.to_csv(rows, ["run", "step_time_ms", "step_time_ratio"])
+  with pytest.raises(KeyError, match=r"No run 'ful' .* runs: \['full', 'lora', 'old'\]"):
+    tables.ratio_to(rows, "step_time_ms", "ful", "step_time_ratio")
+
+
+def test_ratio_to_a_reference_without_the_metric_is_undefined():
+  rows = tables.aggregate({"full": [{"t": None}], "lora": [{"t": 3.0}]}, ["t"])
+  assert all(math.isnan(r["ratio"]) for r in tables.ratio_to(rows, "t", "full", "ratio"))
+
+
+def test_float_cells_show_significant_digits():
+  md = tables.to_markdown([{"run": "a", "label_fraction": 0.25, "r": 1.23456}],
+                          ["run", "label_fraction", "r"])
+  assert "| a | 0.25 | 1.23 |" in md
