@@ -3,13 +3,25 @@
   config.evals.val = dict(name='classification', split='val')
   config.evals.test = dict(name='classification', split='test', periodic=False)
 
+  config.evals.calib = dict(name='calibration', split='test', fit_split='val', periodic=False)
+  config.evals.robust = dict(name='robustness', split='test', periodic=False)
+
 Each entry may set `pp` and `batch_size` (defaults: `config.input.eval_pp`, else the training pp
 without its random ops; `config.input.eval_batch_size`, else `config.input.batch_size`).
 Evaluation never applies a random op: an eval pp holding one is an error naming it.
+
+Besides `EVAL_KEYS`, an entry takes the options its evaluator class declares in `OPTIONS`
+({key: help}); any other key is an error listing the valid ones for that evaluator. A class
+with `OPTIONS` is built as `cls(predict_fn, batches, put_batch, task, class_names, split=...,
+data=EvalData(...), **options)`: `EvalData.batches_for(split, pp, what)` gives it batches of
+another split or pp with the entry's batch size and loader settings, checked like its own
+(deterministic pp of the training shape, a split with examples). A class without `OPTIONS`
+(classification) takes none and is built with the base arguments only.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,26 +31,60 @@ from absl import logging
 from data_pipelines import datasets, loader
 from data_pipelines import pp as pp_lib
 from fm_adapt import config as config_lib
+from fm_adapt.evaluators import calibration_eval
 from fm_adapt.evaluators import classification
 from fm_adapt.evaluators import metrics as metrics_lib
+from fm_adapt.evaluators import robustness
 from fm_adapt.train import mesh as mesh_lib
 
-EVALUATORS: dict[str, type] = {"classification": classification.Evaluator}
+EVALUATORS: dict[str, type] = {"classification": classification.Evaluator,
+                               "calibration": calibration_eval.Evaluator,
+                               "robustness": robustness.Evaluator}
 EVAL_KEYS = ("name", "split", "pp", "batch_size", "periodic")
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """What an evaluator with options may load beyond its own batches (made by `make_evaluators`).
+
+  Attributes:
+    key: the entry's key in `config.evals`, for errors.
+    pp: the entry's eval pp (`eval_pp`).
+    data_cfg: `config.input.data` as a dict.
+    batches_for: `(split, pp, what) -> batches`: a factory of fresh batch iterables of `split`
+      preprocessed with `pp`, with the entry's batch size and loader settings (one pass, padded
+      last batch). Checks when called: the split has examples (`what` names the config key
+      that chose it), `pp` is deterministic and gives the training shape.
+  """
+  key: str
+  pp: str
+  data_cfg: Mapping[str, Any]
+  batches_for: Callable[[str, str, str], Batches]
+
+
+def options_of(name: str) -> dict[str, str]:
+  """The extra config keys of evaluator `name` ({key: help}); empty for one without `OPTIONS`."""
+  return dict(getattr(EVALUATORS[name], "OPTIONS", None) or {})
 
 
 def _checked_entry(key: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The keys of `config.evals.<key>`: known keys only; `name` (not `type`) picks the evaluator."""
-  cfg = dict(cfg)
+  """The keys of `config.evals.<key>`: `name` (not `type`) picks the evaluator, then only
+  `EVAL_KEYS` and that evaluator's options."""
+  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   if "type" in cfg:
     raise ValueError(f"config.evals.{key} uses 'type', which is now 'name': write "
                      f"config.evals.{key} = dict(name={cfg['type']!r}, ...).")
-  cfg = config_lib.check_known_keys(cfg, EVAL_KEYS, f"config.evals.{key}")
   name = cfg.setdefault("name", "classification")
   if name not in EVALUATORS:
     raise ValueError(f"Unknown evaluator name {name!r} in config.evals.{key}; valid: "
                      f"{sorted(EVALUATORS)}")
-  return cfg
+  options = options_of(name)
+  where = f"config.evals.{key} (a {name!r} evaluator" + (
+      "; options: " + "; ".join(f"{k}: {v}" for k, v in options.items()) + ")" if options else
+      ", which takes no options)")
+  return config_lib.check_known_keys(cfg, (*EVAL_KEYS, *options), where)
 
 
 def _batch_size(config: Any, key: str, cfg: Mapping[str, Any]) -> int:
@@ -118,6 +164,26 @@ def check_split(source: Sequence[dict], spec: Any, split: str, what: str) -> Non
   metrics_lib.warn_undefined(split, undefined)
 
 
+def _batches_factory(config: Any, data_dir: Any, spec: Any, key: str, batch_size: int
+                     ) -> Callable[[str, str, str], Batches]:
+  """`EvalData.batches_for` of entry `key`: each split is loaded and checked once."""
+  sources: dict[str, Sequence[dict]] = {}
+
+  def batches_for(split: str, pp: str, what: str) -> Batches:
+    if split not in sources:
+      source, _ = datasets.get_dataset(config.input.data, split, data_dir)
+      check_split(source, spec, split, what)
+      sources[split] = source
+    source = sources[split]
+    pp_lib.check_deterministic(pp, f"The pp of config.evals.{key}")
+    _check_shape(source, key, pp, config.input.pp)
+    return lambda: loader.make_loader(
+        source, pp=pp, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+        drop_remainder=False, pad_remainder=True)
+
+  return batches_for
+
+
 def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, list[str]]:
   """Builds the evaluators of `config.evals` (key -> dict(name=..., split=...)).
 
@@ -132,17 +198,17 @@ def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, lis
   for key, entry in (config.get("evals") or {}).items():
     cfg = _checked_entry(key, entry)
     split = cfg.get("split", key)
-    source, _ = datasets.get_dataset(config.input.data, split, data_dir)
-    check_split(source, spec, split, f"config.evals.{key}.split")
     batch_size = _batch_size(config, key, cfg)
     pp = eval_pp(config, key, cfg)
-    _check_shape(source, key, pp, config.input.pp)
-    batches: Callable[[], Any] = (lambda source=source, pp=pp, bs=batch_size: loader.make_loader(
-        source, pp=pp, batch_size=bs, seed=0, shuffle=False, num_epochs=1,
-        drop_remainder=False, pad_remainder=True))
-    evaluators[key] = EVALUATORS[cfg["name"]](
+    batches_for = _batches_factory(config, data_dir, spec, key, batch_size)
+    batches = batches_for(split, pp, f"config.evals.{key}.split")
+    cls = EVALUATORS[cfg["name"]]
+    options = {k: cfg[k] for k in options_of(cfg["name"]) if k in cfg}
+    extra = {} if getattr(cls, "OPTIONS", None) is None else dict(
+        data=EvalData(key, pp, dict(config.input.data), batches_for), **options)
+    evaluators[key] = cls(
         predict_fn, batches, lambda b: mesh_lib.global_batch(b, mesh), spec.task,
-        list(spec.class_names) if spec.class_names else None, split=split)
+        list(spec.class_names) if spec.class_names else None, split=split, **extra)
     if cfg.get("periodic", True):
       periodic.append(key)
   return evaluators, periodic
