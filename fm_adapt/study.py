@@ -8,7 +8,12 @@ The experiment exports `get_config(arg)` and `sweep(add, arg)`; `sweep` calls
 nested ones (`**{'model.variant': 'S/16'}`). Runs are trained in the order added, each in
 `<workdir>/<name>-s<seed>`; finished runs (with a results.json) are skipped, an interrupted one
 resumes. `model_init='run:<name>'` starts a run from the exported weights of an earlier run of
-the study. Results are aggregated over seeds into `<workdir>/results.{md,csv,tex}`.
+the study. Results are aggregated over seeds into `<workdir>/results.{md,csv,tex}`: per run name,
+the label fraction, parameter counts, metrics and costs (step time, wall time, peak memory; mean
++- std over seeds), and `step_time_ratio`, the step time over that of the reference run: the
+experiment's `REFERENCE = '<run name>'` (a module attribute), else its full fine-tuning run (no
+`config.adapt`, no frozen schedule rule; the first of several); without one the column is left
+out, with a line that says so.
 
 `--config.key=value` overrides (as in `fm_adapt.main`) apply to every run, after the sweep's
 own; a key the sweep also sets is an error. Each run's workdir is locked while the study checks
@@ -36,6 +41,11 @@ from fm_adapt.train import files, interrupt, loop
 from fm_adapt.train import workdir as workdir_lib, writer as writer_lib
 
 METRICS = tables.STUDY_METRICS
+# The columns of the study's table; step_time_ratio only where there is a reference run.
+COLUMNS = ("run", "seeds", "label_fraction", "trainable_params", "total_params", *METRICS,
+           "step_time_ms", "step_time_ratio", "wall_time_s", "peak_memory_mib",
+           "peak_memory_source", "data")
+_EXTRA = ("label_fraction", "trainable_params", "total_params", "peak_memory_source", "data")
 
 
 @dataclasses.dataclass
@@ -150,13 +160,16 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
   runs = expand(module, arg)
   for run in runs:
     _check_no_conflict(run, overrides or {})
+  _check_reference(module, runs)
   first = loop.start_processes()
   results: dict[str, list[dict]] = {}
+  configs: dict[str, ml_collections.ConfigDict] = {}
   for index, run in enumerate(runs):
     run_dir = workdir / run.dirname
     done = run_dir / "results.json"
     with workdir_lib.lock(run_dir, owner=first):
       config = run_config(module, arg, run, workdir, overrides)
+      configs.setdefault(run.name, config)
       if done.exists():
         workdir_lib.check_config(run_dir, config, allow_harmless_changes, write=False)
         writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
@@ -165,17 +178,63 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
         writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: training")
         result = train(config, run_dir, data_dir, allow_harmless_changes)
     results.setdefault(run.name, []).append(_flat_result(result))
-  rows = tables.aggregate(results, METRICS, extra=("trainable_params", "data"))
-  markdown = tables.write_tables(workdir, rows, ["run", "seeds", "trainable_params", *METRICS,
-                                                 "data"])
+  rows = tables.aggregate(results, [*METRICS, *tables.STUDY_COSTS], extra=_EXTRA)
+  reference = reference_run(module, configs)
+  columns = [c for c in COLUMNS if c != "step_time_ratio" or reference is not None]
+  if reference is not None:
+    rows = tables.ratio_to(rows, "step_time_ms", reference, "step_time_ratio")
+  markdown = tables.write_tables(workdir, rows, columns)
   return markdown
 
 
+def _check_reference(module: Any, runs: list[RunSpec]) -> None:
+  """The experiment's `REFERENCE`, where it has one, must name a run of its sweep."""
+  if hasattr(module, "REFERENCE"):
+    names = list(dict.fromkeys(r.name for r in runs))
+    if module.REFERENCE not in names:
+      raise ValueError(f"REFERENCE = {module.REFERENCE!r} in the experiment names no run of its "
+                       f"sweep; set it to one of {names}.")
+
+
+def is_full_finetuning(config: ml_collections.ConfigDict) -> bool:
+  """No adaptation transform and no frozen schedule rule: every parameter is trained."""
+  schedule = config.get("schedule")
+  rules = schedule if isinstance(schedule, (list, tuple)) else ()
+  return not config.get("adapt") and not any(rule[1] is None for rule in rules)
+
+
+def reference_run(module: Any, configs: Mapping[str, ml_collections.ConfigDict]) -> str | None:
+  """The run name step times are compared with (module docstring); None, said, if none."""
+  if hasattr(module, "REFERENCE"):
+    return module.REFERENCE
+  full = [name for name, config in configs.items() if is_full_finetuning(config)]
+  if not full:
+    writer_lib.console("No step_time_ratio column: no run of the study trains every parameter "
+                       "(no config.adapt, no frozen schedule rule); set REFERENCE = '<run "
+                       "name>' in the experiment to compare step times with one.")
+    return None
+  if len(full) > 1:
+    writer_lib.console(f"step_time_ratio is relative to {full[0]!r}, the first of the full "
+                       f"fine-tuning runs {full}; set REFERENCE = '<run name>' in the experiment "
+                       "to choose another.")
+  return full[0]
+
+
 def _flat_result(result: Mapping[str, Any]) -> dict[str, Any]:
+  """One run's table entries: metrics, parameter counts, costs in the table's units (a peak that
+  may be an earlier run's, `peak_memory_upper_bound`, is left out), the data variant."""
   data = result.get("data") or {}
   variant = data.get("variant", data.get("name", "")) if isinstance(data, Mapping) else str(data)
+  step, peak = result.get("step_time_s"), result.get("peak_memory_bytes")
+  if result.get("peak_memory_upper_bound"):
+    peak = None
   return {**result["metrics"], "trainable_params": result.get("trainable_params"),
-          "data": variant}
+          "total_params": result.get("total_params"),
+          "label_fraction": result.get("label_fraction", 1.0),  # Results before it: all.
+          "step_time_ms": None if step is None else 1e3 * step,
+          "wall_time_s": result.get("wall_time_s"),
+          "peak_memory_mib": None if peak is None else peak / 2**20,
+          "peak_memory_source": result.get("peak_memory_source"), "data": variant}
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -54,6 +54,12 @@ def test_study_runs_exports_adapts_and_tabulates(tmp_path, tiny_experiment):
   assert merged and merged.keys() == frozen.keys()
   assert all(not np.array_equal(merged[k], frozen[k]) for k in merged)
   assert "| lora | 2 |" in markdown and "| base | 1 |" in markdown
+  header = markdown.splitlines()[0]
+  for column in ("label_fraction", "total_params", "step_time_ms", "step_time_ratio",
+                 "wall_time_s", "peak_memory_mib"):
+    assert f" {column} |" in header
+  # base trains every parameter: the reference of step_time_ratio.
+  assert "| base | 1 | 1 |" in markdown and base["step_time_s"] > 0
   for suffix in ("md", "csv", "tex"):
     assert (tmp_path / "study" / f"results.{suffix}").exists()
 
@@ -131,3 +137,92 @@ def test_study_takes_each_runs_lock(tmp_path, tiny_experiment):
     holder.kill()
     holder.wait()
   assert [a[1].name for a in trained] == ["a-s0"]  # Run b was left to the process holding it.
+
+
+_COSTS = """
+    def sweep(add, arg=None):
+      add(name="full")
+      add(name="full", seed=1)
+      add(name="lora", adapt=[dict(name="lora", rank=2, targets=".*attn/query/kernel")])
+      add(name="probe", schedule=[("head/.*", dict(decay_type="constant")), (".*", None)])
+"""
+
+
+def _fake_train(step_times):
+  """A `train` for run_study whose results carry cost fields: step time by run name."""
+
+  def train(config, run_dir, *args):
+    name = run_dir.name.rsplit("-s", 1)[0]
+    return {"metrics": {"test/auc": 0.5}, "trainable_params": 1, "total_params": 2,
+            "label_fraction": 0.5, "step_time_s": step_times[name] + 0.001 * config.seed,
+            "wall_time_s": 60.0, "peak_memory_bytes": 3 * 2**20,
+            "peak_memory_source": "process_peak_rss", "peak_memory_upper_bound": name == "probe",
+            "data": {"variant": "tiny"}}
+
+  return train
+
+
+def _row(markdown, name):
+  header = [c.strip() for c in markdown.splitlines()[0].strip("|").split("|")]
+  for line in markdown.splitlines()[2:]:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if cells[0] == name:
+      return dict(zip(header, cells))
+  raise AssertionError(f"no row {name}")
+
+
+def test_step_time_ratio_against_the_full_fine_tuning_run(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_COSTS)
+  train = _fake_train({"full": 0.010, "lora": 0.0055, "probe": 0.0021})
+  markdown = study.run_study(str(exp), tmp_path / "s", train=train)
+  full, lora, probe = (_row(markdown, n) for n in ("full", "lora", "probe"))
+  assert full["step_time_ms"] == "10.500 ± 0.707" and full["step_time_ratio"] == "1"
+  assert lora["step_time_ratio"] == "0.524"  # 5.5 ms / 10.5 ms, the mean over full's seeds.
+  assert probe["step_time_ratio"] == "0.2"
+  assert full["label_fraction"] == "0.5" and full["total_params"] == "2"
+  assert full["wall_time_s"] == "60.000 ± 0.000" and full["peak_memory_mib"] == "3.000 ± 0.000"
+  assert probe["peak_memory_mib"] == "n/a"  # Only an upper bound: not this run's own peak.
+  assert full["peak_memory_source"] == "process_peak_rss"
+  csv_header = (tmp_path / "s" / "results.csv").read_text().splitlines()[0]
+  assert ",step_time_ms_mean,step_time_ms_std,step_time_ms_n,step_time_ratio," in csv_header
+
+
+def _with_reference(name):
+  return _COSTS.replace("\n    def sweep", f"\n    REFERENCE = {name!r}\n    def sweep", 1)
+
+
+def test_reference_named_by_the_experiment(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_with_reference("lora"))
+  train = _fake_train({"full": 0.010, "lora": 0.005, "probe": 0.002})
+  markdown = study.run_study(str(exp), tmp_path / "s", train=train)
+  assert _row(markdown, "lora")["step_time_ratio"] == "1"
+  assert _row(markdown, "probe")["step_time_ratio"] == "0.4"
+
+
+def test_a_reference_that_names_no_run_fails_before_training(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_with_reference("Full"))
+  never = lambda *a: pytest.fail("trained")
+  with pytest.raises(ValueError, match=r"REFERENCE = 'Full' .* one of \['full', 'lora', 'probe'\]"):
+    study.run_study(str(exp), tmp_path / "s", train=never)
+
+
+def test_no_full_fine_tuning_run_leaves_the_ratio_out_and_says_so(tmp_path, tiny_experiment,
+                                                                    capsys):
+  exp = tiny_experiment(_COSTS.replace('add(name="full")', 'pass').replace(
+      'add(name="full", seed=1)', 'pass'))
+  markdown = study.run_study(str(exp), tmp_path / "s",
+                             train=_fake_train({"lora": 0.005, "probe": 0.002}))
+  assert "step_time_ratio" not in markdown and "step_time_ms" in markdown
+  assert "No step_time_ratio column: no run of the study trains every parameter" in (
+      capsys.readouterr().err)
+
+
+def test_full_fine_tuning_is_no_adaptation_and_no_frozen_rule():
+  import ml_collections
+  config = lambda **kw: ml_collections.ConfigDict(dict(dict(adapt=()), **kw))
+  assert study.is_full_finetuning(config(schedule=dict(decay_type="cosine")))
+  assert study.is_full_finetuning(config(schedule=[("head/.*", dict(decay_type="constant")),
+                                                   (".*", dict(decay_type="cosine"))]))
+  assert not study.is_full_finetuning(config(schedule=[("head/.*", dict(decay_type="constant")),
+                                                       (".*", None)]))
+  assert not study.is_full_finetuning(config(adapt=[dict(name="lora")], schedule=dict()))
