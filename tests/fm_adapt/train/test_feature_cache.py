@@ -10,6 +10,7 @@ head cannot train on cached features are refused with the reason.
 """
 import json
 import re
+import signal
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from fm_adapt import study
 from fm_adapt.adapt import compose
 from fm_adapt.evaluators import predictions as predictions_lib
 from fm_adapt.train import feature_cache
+from fm_adapt.train import interrupt
 from fm_adapt.train import linear_probe
 from fm_adapt.train import loop
 from fm_adapt.train import mesh as mesh_lib
@@ -148,3 +150,27 @@ def test_first_batch_check_catches_what_the_cache_would_get_wrong(change, messag
   with pytest.raises(feature_cache.NotEligible, match=message):
     feature_cache.check_first_batch(apply_fn, state, jax.random.key(1), images, features,
                                     mesh_lib.make_mesh(None))
+
+
+def test_interrupted_cached_probe_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
+  """A cached probe stopped after its step-4 checkpoint resumes (train state and feature-loader
+  position) and ends where an uninterrupted one does."""
+  config = _config(tiny_config)
+  want = linear_probe.train_and_evaluate_cached(config, tmp_path / "once")
+
+  def stop_at_4(self, step):
+    if step == 4:
+      self.signum = signal.SIGTERM
+    return step == 4
+
+  with monkeypatch.context() as patch:
+    patch.setattr(interrupt.StopOnSignal, "requested", stop_at_4)
+    with pytest.raises(interrupt.Stopped):
+      linear_probe.train_and_evaluate_cached(config, tmp_path / "twice")
+  assert not (tmp_path / "twice" / "results.json").exists()
+  got = linear_probe.train_and_evaluate_cached(config, tmp_path / "twice")
+  assert got["metrics"] == want["metrics"] and got["best_step"] == want["best_step"]
+  assert _losses(tmp_path / "twice") == _losses(tmp_path / "once")
+  with np.load(want["export"]) as a, np.load(got["export"]) as b:
+    for key in a.files:
+      np.testing.assert_array_equal(b[key], a[key], err_msg=key)
