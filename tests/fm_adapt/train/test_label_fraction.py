@@ -81,3 +81,17 @@ def test_a_changed_fraction_is_refused_on_resume(tmp_path, tiny_config):
   loop.train_and_evaluate(_fraction_config(tiny_config, total_steps=2), workdir)
   with pytest.raises(loop.workdir_lib.ConfigChanged, match="input.label_fraction"):
     loop.train_and_evaluate(_fraction_config(tiny_config, 0.5, total_steps=2), workdir)
+
+
+def test_training_subset_of_a_multilabel_split():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((60, 4)) < [0.5, 0.2, 0.05, 0.0]).astype(np.int64)
+  source = [{"image": np.full((2, 2, 1), i, np.uint8), "label": labels[i]} for i in range(60)]
+  spec = type("Spec", (), dict(num_classes=4, class_names=("a", "b", "c", "d")))
+  subset, counts = build.training_subset(source, spec, 0.5, seed=2)
+  want = subsets.stratified_subset(labels, 0.5, seed=2)
+  assert [int(subset[i]["image"][0, 0, 0]) for i in range(len(subset))] == want.tolist()
+  assert counts == dict(zip("abcd", labels[want].sum(axis=0).tolist()))
+  assert counts["c"] >= 1 and counts["d"] == 0  # Every label with a positive is kept.
+  whole, all_counts = build.training_subset(source, spec, 1.0, seed=2)
+  assert whole is source and all_counts == dict(zip("abcd", labels.sum(axis=0).tolist()))
