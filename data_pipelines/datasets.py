@@ -11,7 +11,11 @@ valid ones):
       high_bit_depth='error': how images deeper than 8 bits (16-bit PNG / TIFF) become uint8:
       'error' (refused, naming the file), 'per_image', 'per_dataset' or 'full_range' (16-bit
       x // 256); never clipped (data_pipelines.images).
-Every form takes `tfds_dir` (where the TFDS dataset is built) and may carry `split` (a config
+  dict(name='pretrain_mixture', image_size=28, channels=1)      unlabelled pretraining data: the
+      training images of every source held, weighted (data_pipelines.pretrain_mixture); 'train'
+      only (pretraining has no held-out split); label 0. optional: sources=None (a mixture spec;
+      None: `pretrain_mixture.default_mixture`), seed=0, epoch_size=None.
+Every TFDS form takes `tfds_dir` (where the TFDS dataset is built) and may carry `split` (a config
 convenience; the `split` argument of `get_dataset` is what is loaded). Relative `path`s are
 relative to the data directory (`data_dir.resolve_data_dir`); absolute ones are used as given.
 
@@ -49,6 +53,7 @@ from data_pipelines import coordination
 from data_pipelines import custom
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import medmnist
+from data_pipelines import pretrain_mixture
 from data_pipelines import tfds_base
 
 TASKS = ('multiclass', 'multilabel', 'ordinal')
@@ -116,6 +121,8 @@ class _Kind:
   optional: Mapping[str, Any]
   make: Callable[[dict, pathlib.Path | None], Callable[[pathlib.Path], tfds.core.DatasetBuilder]]
   needs_data_dir: Callable[[dict], bool]
+  # Kinds that are no TFDS dataset: (cfg, split, data_dir) -> (source, spec); `make` unused.
+  get: Callable[[dict, str, pathlib.Path | None], tuple[Sequence[dict], DatasetSpec]] | None = None
 
 
 def _resolve_path(value: str | os.PathLike, data_dir: pathlib.Path | None) -> pathlib.Path:
@@ -149,6 +156,24 @@ def _relative_path(cfg: dict) -> bool:
   return not pathlib.Path(cfg['path']).expanduser().is_absolute()
 
 
+def _get_pretrain_mixture(cfg: dict, split: str, data_dir: pathlib.Path | None):
+  """The mixture and its spec: one class ('unlabelled'), every label 0."""
+  if split != 'train':
+    raise ValueError(f"The 'pretrain_mixture' data has only a 'train' split (training images of "
+                     f"every source, unlabelled); pretraining has no held-out split, so split "
+                     f"{split!r} does not exist. Evaluate on a dataset itself (e.g. "
+                     f"dict(name='medmnist', flag=...)).")
+  mixture = pretrain_mixture.build(cfg['sources'], data_dir, image_size=cfg['image_size'],
+                                   channels=cfg['channels'], seed=cfg['seed'],
+                                   epoch_size=cfg['epoch_size'])
+  spec = DatasetSpec(
+      name=f'pretrain_mixture/{mixture.fingerprint()}', task='multiclass', num_classes=1,
+      class_names=('unlabelled',), split_sizes={'train': len(mixture)},
+      image_shape=(cfg['image_size'], cfg['image_size'], cfg['channels']),
+      license=mixture.license(), variant=mixture.variant())
+  return mixture, spec
+
+
 _COMMON = {'tfds_dir': None, 'split': None}
 DATASETS: dict[str, _Kind] = {
     'medmnist': _Kind(('flag',), {'size': 28, 'allow_download': True, 'mirror': None, **_COMMON},
@@ -159,6 +184,9 @@ DATASETS: dict[str, _Kind] = {
                                                    'seed': 0, 'high_bit_depth': 'error',
                                                    **_COMMON},
                           _make_image_folder, _relative_path),
+    'pretrain_mixture': _Kind(('image_size', 'channels'), {'sources': None, 'seed': 0,
+                                                          'epoch_size': None, 'split': None},
+                              None, lambda cfg: True, get=_get_pretrain_mixture),
 }
 
 
@@ -306,6 +334,8 @@ def get_dataset(data_cfg: Mapping[str, Any], split: str,
   """
   kind, cfg = _checked_cfg(data_cfg)
   root = _data_dir(kind, cfg, data_dir)
+  if kind.get is not None:
+    return kind.get(cfg, split, root)
   make_builder = kind.make(cfg, root)
   builder = _prepared(_builder(make_builder, cfg, root), make_builder, data_cfg, root)
   _check_split(split, builder)

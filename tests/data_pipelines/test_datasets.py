@@ -128,7 +128,7 @@ def test_writable_data_dir_builds_inside(tmp_path, synthetic_medmnist):
 
 @pytest.mark.parametrize('cfg, message', [
     (dict(name='cifar10'),
-     r"Unknown dataset name 'cifar10'.*\['image_folder', 'medmnist', 'npz'\]"),
+     r"Unknown dataset name 'cifar10'.*\['image_folder', 'medmnist', 'npz', 'pretrain_mixture'\]"),
     (dict(flag='breastmnist'), 'Unknown dataset name None'),
     (dict(name='medmnist', flag='breastmnist', resolution=28),
      r"unknown keys \['resolution'\].*valid keys: name, flag, size"),
