@@ -114,8 +114,11 @@ def training_subset(source: Any, spec: Any, fraction: float, seed: int
 
   `fraction` < 1 keeps the class-stratified subset of `data_pipelines.subsets` (fixed by the seed
   and the labels alone, so every model and adaptation of a study trains on the same examples);
-  1 keeps the split as it is.
+  1 keeps the split as it is. The labels are read in one pass over the split's records, except
+  for a single-class split (e.g. unlabelled pretraining data), whose count is its size.
   """
+  if spec.task != "multilabel" and spec.num_classes == 1 and fraction == 1:
+    return source, {str(spec.class_names[0]): len(source)}
   labels = split_labels(source)
   if fraction < 1:
     indices = subsets.stratified_subset(labels, fraction, seed)

@@ -87,7 +87,7 @@ def test_training_subset_of_a_multilabel_split():
   rng = np.random.default_rng(0)
   labels = (rng.random((60, 4)) < [0.5, 0.2, 0.05, 0.0]).astype(np.int64)
   source = [{"image": np.full((2, 2, 1), i, np.uint8), "label": labels[i]} for i in range(60)]
-  spec = type("Spec", (), dict(num_classes=4, class_names=("a", "b", "c", "d")))
+  spec = type("Spec", (), dict(task="multilabel", num_classes=4, class_names=tuple("abcd")))
   subset, counts = build.training_subset(source, spec, 0.5, seed=2)
   want = subsets.stratified_subset(labels, 0.5, seed=2)
   assert [int(subset[i]["image"][0, 0, 0]) for i in range(len(subset))] == want.tolist()
@@ -95,3 +95,13 @@ def test_training_subset_of_a_multilabel_split():
   assert counts["c"] >= 1 and counts["d"] == 0  # Every label with a positive is kept.
   whole, all_counts = build.training_subset(source, spec, 1.0, seed=2)
   assert whole is source and all_counts == dict(zip("abcd", labels.sum(axis=0).tolist()))
+
+
+def test_a_single_class_split_is_counted_without_reading_it():
+  class Unreadable(list):
+    def __getitem__(self, index):
+      raise AssertionError("read an example")
+
+  spec = type("Spec", (), dict(task="multiclass", num_classes=1, class_names=("unlabelled",)))
+  source = Unreadable(range(7))
+  assert build.training_subset(source, spec, 1.0, seed=0) == (source, {"unlabelled": 7})
