@@ -21,12 +21,13 @@ Sources and what is pooled from each (never a validation or test image):
   chase_db1   CHASE_DB1 `retina_vessels/CHASEDB1/Image_NN{L,R}.jpg`, NN 01-10 (the common
               split: first 20 images, children 1-10); held out: NN 11-14 (the last 8).
   kvasir_seg  Kvasir-SEG `kvasir_seg/Kvasir-SEG/images/*.jpg`, which has no official split: the
-              ids sorted, permuted by `np.random.default_rng(KVASIR_SPLIT_SEED=0)`, the first 880
-              pooled, the last 120 held out (`kvasir_split`; no other module defines one).
+              ids sorted, permuted by `np.random.default_rng(0)`, the first 880
+              pooled, the last 120 held out (`image_splits.kvasir_split`; no other module
+              defined one).
 Besides the split, every pooled item is hashed (sha256 of its shape and bytes; of the file bytes
 for image files) and dropped when it equals any held-out item of any source in the mixture: the
-official PneumoniaMNIST train array holds 8 images byte-identical to val images, and
-BreastMNIST's train one image identical to a test image; these are dropped (and logged).
+official PneumoniaMNIST train array holds 10 images (8 distinct) byte-identical to val images,
+and BreastMNIST's train one image identical to a test image; these are dropped (and logged).
 
 Large images (DRIVE, CHASE_DB1, Kvasir-SEG) are decoded once (`images.load_image`, PIL bilinear)
 with their shorter side reduced to `short_side` (default 256; never enlarged) and kept in memory
@@ -76,37 +77,21 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from data_pipelines import image_splits
 from data_pipelines import images
 from data_pipelines import medmnist
 from data_pipelines import npz
 from data_pipelines import pp as pp_lib
 
-KVASIR_SPLIT_SEED = 0
 DEFAULT_MIN_FOREGROUND = 0.01
 DEFAULT_SHORT_SIDE = 256
-KVASIR_IMAGES, KVASIR_HELD_OUT = 1000, 120
-CHASE_TRAIN_CHILDREN, CHASE_CHILDREN = range(1, 11), range(1, 15)
 _CROP_OPTIONS = {'weight': 1.0, 'crops_per_image': 10, 'crop_scale': (0.25, 1.0),
                  'short_side': DEFAULT_SHORT_SIDE}
 # Per source: required keys and optional keys with defaults.
 SOURCES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     'medmnist': (('flag',), {'size': 28, 'weight': 1.0, 'min_foreground': None}),
-    'drive': ((), _CROP_OPTIONS),
-    'chase_db1': ((), _CROP_OPTIONS),
-    'kvasir_seg': ((), _CROP_OPTIONS),
+    **{name: ((), _CROP_OPTIONS) for name in image_splits.SPLITS},
 }
-_HOW_TO_GET = {
-    'drive': 'DRIVE (Staal et al., IEEE TMI 2004; https://drive.grand-challenge.org), its '
-             'training/ and testing/ folders as released',
-    'chase_db1': 'CHASE_DB1 (Fraz et al., IEEE TBME 2012; '
-                 'https://blogs.kingston.ac.uk/retinal/chasedb1), the 28 Image_NN{L,R}.jpg files',
-    'kvasir_seg': 'Kvasir-SEG (Jha et al., MMM 2020; https://datasets.simula.no/kvasir-seg), '
-                  'all 1000 images of images/',
-}
-LICENSES = {'drive': 'DRIVE terms (research use)', 'chase_db1': 'CHASE_DB1 terms (research use)',
-            'kvasir_seg': 'Kvasir-SEG terms (research and education)'}
-
-
 def item_hash(image: np.ndarray) -> bytes:
   """sha256 of an array's shape, dtype and bytes: equal arrays, equal hashes."""
   image = np.ascontiguousarray(image)
@@ -204,75 +189,7 @@ def check_spec(sources: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Where the files are, and how the large-image datasets are split.
-
-
-def _missing(source: str, expected: str) -> FileNotFoundError:
-  return FileNotFoundError(
-      f'Mixture source {source!r}: no training images at {expected}. Put {_HOW_TO_GET[source]} '
-      'there (the data directory\'s README names the layout), or remove the source from the '
-      'mixture.')
-
-
-def _drive_root(data_dir: pathlib.Path) -> pathlib.Path:
-  return data_dir / 'retina_vessels' / 'DRIVE'
-
-
-def drive_split(data_dir: os.PathLike | str) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-  """DRIVE's (training, testing) image files: `training/images/*.tif`, `testing/images/*.tif`."""
-  root = _drive_root(pathlib.Path(data_dir))
-  train = sorted((root / 'training' / 'images').glob('*.tif'))
-  if not train:
-    raise _missing('drive', str(root / 'training' / 'images' / '*.tif'))
-  return train, sorted((root / 'testing' / 'images').glob('*.tif'))
-
-
-def _chase_root(data_dir: pathlib.Path) -> pathlib.Path:
-  return data_dir / 'retina_vessels' / 'CHASEDB1'
-
-
-def chase_split(data_dir: os.PathLike | str) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-  """CHASE_DB1's (train, test) files: children 1-10 (the first 20 images), children 11-14."""
-  root = _chase_root(pathlib.Path(data_dir))
-  def names(children):
-    return [root / f'Image_{c:02d}{eye}.jpg' for c in children for eye in 'LR']
-  train = names(CHASE_TRAIN_CHILDREN)
-  absent = [p.name for p in train if not p.is_file()]
-  if absent:
-    raise _missing('chase_db1', f'{root} (missing: {", ".join(absent)})')
-  held = [p for p in names(CHASE_CHILDREN) if p not in train and p.is_file()]
-  return train, held
-
-
-def _kvasir_dir(data_dir: pathlib.Path) -> pathlib.Path:
-  return data_dir / 'kvasir_seg' / 'Kvasir-SEG' / 'images'
-
-
-def kvasir_split(data_dir: os.PathLike | str) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-  """Kvasir-SEG's fixed seeded split: (880 train, 120 held-out) image files.
-
-  The 1000 ids are sorted and permuted by `np.random.default_rng(KVASIR_SPLIT_SEED)`; the first
-  880 are train, the last 120 held out. All 1000 images are required: a partial copy would move
-  images between the parts.
-
-  Raises:
-    FileNotFoundError: if the folder does not hold exactly `KVASIR_IMAGES` images.
-  """
-  folder = _kvasir_dir(pathlib.Path(data_dir))
-  files = sorted(folder.glob('*.jpg'))
-  if not files:
-    raise _missing('kvasir_seg', str(folder / '*.jpg'))
-  if len(files) != KVASIR_IMAGES:
-    raise FileNotFoundError(
-        f'{folder} holds {len(files)} images; the fixed Kvasir-SEG split needs all '
-        f'{KVASIR_IMAGES} ({_HOW_TO_GET["kvasir_seg"]}), else images would move between train '
-        'and held-out.')
-  order = np.random.default_rng(KVASIR_SPLIT_SEED).permutation(len(files))
-  cut = KVASIR_IMAGES - KVASIR_HELD_OUT
-  return [files[i] for i in order[:cut]], [files[i] for i in order[cut:]]
-
-
-_SPLITS = {'drive': drive_split, 'chase_db1': chase_split, 'kvasir_seg': kvasir_split}
+# The default mixture.
 
 
 def medmnist_files(data_dir: os.PathLike | str) -> list[tuple[str, int]]:
@@ -286,7 +203,8 @@ def default_mixture(data_dir: os.PathLike | str, image_size: int = 28) -> list[d
   """The default spec over every source the data directory holds (module docstring).
 
   Raises:
-    FileNotFoundError: if the data directory holds none of the sources.
+    FileNotFoundError: if the data directory holds none of the sources, or a dataset's folder is
+      there without its training images (naming what is missing).
   """
   data_dir = pathlib.Path(data_dir)
   by_flag: dict[str, list[int]] = {}
@@ -298,12 +216,11 @@ def default_mixture(data_dir: os.PathLike | str, image_size: int = 28) -> list[d
     path = data_dir / 'medmnist' / medmnist.filename(flag, size)
     count = npz.read_headers(path)['train_images'].shape[0]
     spec.append(dict(source='medmnist', flag=flag, size=size, weight=_sqrt_weight(count)))
-  for source, split in _SPLITS.items():
-    try:
-      train, _ = split(data_dir)
-    except FileNotFoundError as e:
-      logging.info('Default mixture: no %s (%s).', source, e)
+  for source, split in image_splits.SPLITS.items():
+    if not image_splits.ROOTS[source](data_dir).is_dir():
+      logging.info('Default mixture: no %s (no %s).', source, image_splits.ROOTS[source](data_dir))
       continue
+    train, _ = split(data_dir)  # A folder that is there but incomplete is an error.
     spec.append(dict(source=source, weight=_sqrt_weight(len(train))))
   if not spec:
     raise FileNotFoundError(f'The data directory {data_dir} holds no pretraining source: no '
@@ -393,9 +310,9 @@ def load_reduced(path: os.PathLike | str, short_side: int, channels: int) -> np.
 
 
 def _image_pool(entry: dict, data_dir: pathlib.Path, channels: int) -> Pool:
-  train, held = _SPLITS[entry['source']](data_dir)
+  train, held = image_splits.SPLITS[entry['source']](data_dir)
   pool = Pool(_label(entry), [], [str(p) for p in train], [file_hash(p) for p in train],
-              {file_hash(p) for p in held}, license=LICENSES[entry['source']],
+              {file_hash(p) for p in held}, license=image_splits.LICENSES[entry['source']],
               crop=(entry['crop_scale'], entry['crops_per_image']))
   pool.items = [load_reduced(p, entry['short_side'], channels) for p in train]
   return pool

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import datasets
+from data_pipelines import image_splits
 from data_pipelines import loader
 from data_pipelines import medmnist
 from data_pipelines import npz
@@ -97,7 +98,7 @@ def _large_images(root: pathlib.Path) -> None:
   for child in range(1, 15):
     for eye in 'LR':
       _image(root / 'retina_vessels' / 'CHASEDB1' / f'Image_{child:02d}{eye}.jpg', rng)
-  for i in range(pm.KVASIR_IMAGES):
+  for i in range(image_splits.KVASIR_IMAGES):
     _image(root / 'kvasir_seg' / 'Kvasir-SEG' / 'images' / f'cju{i:04d}.jpg', rng, (12, 16))
 
 
@@ -380,6 +381,8 @@ def test_missing_large_image_sources_say_what_is_expected(tmp_path):
     _image(folder / f'{i}.jpg', np.random.default_rng(i), (8, 8))
   with pytest.raises(FileNotFoundError, match='holds 5 images.*needs all 1000'):
     pm.build([dict(source='kvasir_seg')], tmp_path, image_size=28, channels=1)
+  with pytest.raises(FileNotFoundError, match='holds 5 images'):  # Not skipped by the default.
+    pm.default_mixture(tmp_path)
   with pytest.raises(FileNotFoundError, match='holds no pretraining source'):
     pm.default_mixture(tmp_path / 'kvasir_seg')
 
@@ -399,7 +402,7 @@ def test_only_a_train_split(fake):
 
 @pytest.mark.real_data('proves on the real files that no val/test image of any dataset is pooled')
 def test_no_held_out_image_of_the_real_data_is_pooled(shared_data_dir):
-  train, held = pm.kvasir_split(shared_data_dir)
+  train, held = image_splits.kvasir_split(shared_data_dir)
   assert len(train) == 880 and len(held) == 120 and not set(train) & set(held)
   assert held == kvasir_held_out(shared_data_dir / 'kvasir_seg' / 'Kvasir-SEG' / 'images')
   mix = pm.build(None, shared_data_dir, image_size=28, channels=1)
