@@ -207,7 +207,8 @@ def extract(features_fn: Callable[..., jax.Array], state: Mapping[str, Any],
   weights = {k: state[k] for k in ("params", "frozen", "model_state")}
   features, labels = [], []
   for batch in batches:
-    out = np.asarray(jax.device_get(features_fn(weights, mesh_lib.global_batch(batch, mesh)["image"])))
+    images = mesh_lib.global_batch(batch, mesh)["image"]
+    out = np.asarray(jax.device_get(features_fn(weights, images)))
     keep = np.asarray(batch["mask"], bool)
     features.append(out[keep])
     labels.append(np.asarray(batch["label"])[keep])

@@ -1,6 +1,7 @@
 """Linear probing on cached features: the frozen encoder runs once per split, the head trains.
 
   results = linear_probe.train_and_evaluate_cached(config, workdir)
+  run = linear_probe.cached_run(config, build.build_run(config, data_dir), data_dir)
 
 trains the same run as `loop.train_and_evaluate(config, workdir)` and writes the same files
 (results.json, checkpoints, the best checkpoint by `config.best_metric`, predictions, the export
@@ -19,7 +20,9 @@ pre-logits are computed once (`feature_cache.extract`, inference mode), and
 The first training batch is checked against the model itself before anything trains
 (`feature_cache.check_first_batch`). Checkpoints hold the same train state as the end-to-end
 run's (head parameters, optimizer state, step; the frozen encoder is rebuilt from the seed and
-the base checkpoint), and a killed run resumes as any run does.
+the base checkpoint), and a killed run resumes as any run does, in the same mode: grain checks
+that a saved loader position belongs to the same data source, so a workdir trained end to end
+does not resume on cached features, or back (its checkpoints are refused, none is moved).
 """
 from __future__ import annotations
 
@@ -38,9 +41,9 @@ from fm_adapt import evaluators as evaluators_lib
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import build
+from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import feature_cache
 from fm_adapt.train import files
-from fm_adapt.train import loop
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import optim
 from fm_adapt.train import state as state_lib
@@ -83,18 +86,26 @@ class _Cache:
     self._splits: dict[tuple[str, str], feature_cache.FeatureSplit] = {}
 
   def split(self, split: str, pp: str) -> feature_cache.FeatureSplit:
-    """The features of `split` preprocessed by `pp`, in the split's order."""
+    """The features of the whole `split` preprocessed by `pp`, in the split's order."""
     if (split, pp) not in self._splits:
-      start = time.perf_counter()
       source, _ = datasets.get_dataset(self._config.input.data, split, self._data_dir)
-      batches = loader.make_loader(source, pp=pp, batch_size=self._batch_size, seed=0,
-                                   shuffle=False, num_epochs=1, drop_remainder=False,
-                                   pad_remainder=True)
-      out = feature_cache.extract(self._features_fn, self._state, batches, self._mesh)
-      writer_lib.console(f"Cached features of {split!r} (pp {pp!r}): {out.features.shape} "
-                         f"{out.features.dtype} in {time.perf_counter() - start:.1f} s")
-      self._splits[(split, pp)] = out
+      self._splits[(split, pp)] = self._extract(source, pp, repr(split))
     return self._splits[(split, pp)]
+
+  def training_split(self, source: Any, pp: str) -> feature_cache.FeatureSplit:
+    """The features of the examples the run trains on (`source`: the split, or its
+    `label_fraction` subset), preprocessed by the training `pp`."""
+    return self._extract(source, pp, f"the training examples ({source!r})")
+
+  def _extract(self, source: Any, pp: str, what: str) -> feature_cache.FeatureSplit:
+    start = time.perf_counter()
+    batches = loader.make_loader(source, pp=pp, batch_size=self._batch_size, seed=0,
+                                 shuffle=False, num_epochs=1, drop_remainder=False,
+                                 pad_remainder=True)
+    out = feature_cache.extract(self._features_fn, self._state, batches, self._mesh)
+    writer_lib.console(f"Cached features of {what} (pp {pp!r}): {out.features.shape} "
+                       f"{out.features.dtype} in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def _evaluators(config: ml_collections.ConfigDict, run: build.Run, cache: _Cache,
@@ -137,6 +148,7 @@ def cached_run(config: ml_collections.ConfigDict, run: build.Run,
   """
   data_dir = data_dir_lib.resolve_data_dir(data_dir or config.get("data_dir"))
   source, spec = datasets.get_dataset(config.input.data, "train", data_dir)
+  source, _ = build.training_subset(source, spec, run.label_fraction, config.get("seed", 0))
   fns = feature_cache.train_fns(config, spec, source, run.total_steps)
   reasons = feature_cache.ineligibility(config, fns)
   if reasons:
@@ -144,7 +156,7 @@ def cached_run(config: ml_collections.ConfigDict, run: build.Run,
                       + "\n  - ".join(reasons))
   state = run.init_state()
   cache = _Cache(config, data_dir, fns.model_fns.apply_fn, state, run.mesh)
-  train = feature_cache.FeatureSource(cache.split("train", config.input.pp))
+  train = feature_cache.FeatureSource(cache.training_split(source, config.input.pp))
   train_loader, steps_per_epoch, total_steps = build.make_train_loader(
       _feature_loader_config(config), train, config.get("seed", 0))
   if (steps_per_epoch, total_steps) != (run.steps_per_epoch, run.total_steps):
@@ -167,12 +179,17 @@ def train_and_evaluate_cached(config: ml_collections.ConfigDict, workdir: Any,
                               allow_harmless_changes: bool = False) -> dict[str, Any]:
   """`loop.train_and_evaluate` of a linear probe, with the head trained on cached features.
 
-  Same arguments, files and results (see the module docstring).
+  Same arguments, files and results (see the module docstring); the steps are those of
+  `loop.train_and_evaluate` with `cached_run` applied to the run.
 
   Raises:
     NotEligible: for a config whose head cannot train on cached features (nothing is trained).
     Everything `loop.train_and_evaluate` raises.
   """
+  # pylint: disable=protected-access
+  # Imported here: once loop.py selects the probe from the config, it calls `cached_run` of this
+  # module, and a module-level import would be circular.
+  from fm_adapt.train import loop  # pylint: disable=import-outside-toplevel
   config_lib.validate(config)
   workdir = files.as_path(workdir)
   workdir_lib.check_storage(workdir)
@@ -180,21 +197,27 @@ def train_and_evaluate_cached(config: ml_collections.ConfigDict, workdir: Any,
   data_dir = data_dir or config.get("data_dir")
   with workdir_lib.lock(workdir, owner=first):
     workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
-    run = cached_run(config, build.build_run(config, data_dir), data_dir)
+    run = build.build_run(config, data_dir)
+    # The wall time starts before the state is initialised, as the loop's: here that is before
+    # the features are computed (`cached_run` initialises the state for them).
+    costs = costs_lib.RunCosts()
+    run = cached_run(config, run, data_dir)
     best_metric = config.get("best_metric", "val/auc")
-    loop._check_best_metric(best_metric, run)  # pylint: disable=protected-access
+    loop._check_best_metric(best_metric, run)
     ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
                                     best_metric=best_metric)
     writer = None
     try:
       iterator = iter(run.train_loader)
-      state, start = loop._restore_or_init(run, ckpt, iterator)  # pylint: disable=protected-access
-      loop._write_param_counts(workdir, state)  # pylint: disable=protected-access
+      state, start = loop._restore_or_init(run, ckpt, iterator)
+      costs.resumed_from_step = start
+      loop._write_param_counts(workdir, state)
       update_fn = step_lib.jit_update(run.update_fn, state, run.mesh)
       writer = writer_lib.MetricWriter(workdir, resume_step=start)
-      state = loop._train(config, run, update_fn, state, iterator, ckpt, writer, start,  # pylint: disable=protected-access
-                          workdir)
-      results = loop._final_results(config, run, ckpt, workdir, state)  # pylint: disable=protected-access
+      state = loop._train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir,
+                          step_timer=costs.step_timer)
+      results = loop._final_results(config, run, ckpt, workdir, state)
+      results.update(costs.fields())
     finally:
       ckpt.wait()
       ckpt.close()
