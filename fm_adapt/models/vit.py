@@ -50,6 +50,11 @@ Conventions worth knowing:
     CLIP's QuickGELU x * sigmoid(1.702 x) (`mlp_act='quick_gelu'`).
   * LayerNorm epsilon is 1e-6 (big_vision / timm / DINOv2); CLIP towers use 1e-5 (`ln_epsilon`).
   * Parameters are float32; `dtype` only sets the compute dtype. Logits are returned in float32.
+  * Masked image modelling needs two things of the encoder, both arguments of `__call__` (the
+    model holds no mask token and knows nothing of objectives; `fm_adapt.models.mim` does):
+    `patch_mask` + `mask_token` replace the patch embeddings at masked positions (SimMIM), and
+    `keep` runs the encoder on a subset of the patch tokens, gathered with their position
+    embeddings (MAE). The parameters are the same with or without them.
 """
 import re
 from typing import Any
@@ -294,6 +299,34 @@ class Encoder(nn.Module):
     return nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name='norm')(x)
 
 
+def replace_masked(tokens: Array, patch_mask: Array, mask_token: Array | None) -> Array:
+  """Tokens [B, N, D] with the rows where patch_mask [B, N] is True replaced by mask_token.
+
+  Raises:
+    ValueError: no mask token, or a patch_mask whose shape is not [B, N].
+  """
+  if mask_token is None:
+    raise ValueError('patch_mask needs a mask_token to put in place of the masked patches.')
+  if patch_mask.shape != tokens.shape[:2]:
+    raise ValueError(f'patch_mask must be [batch, patches] = {tokens.shape[:2]}, got '
+                     f'{patch_mask.shape}: build it on the patch grid of the image.')
+  token = jnp.asarray(mask_token).astype(tokens.dtype)
+  return jnp.where(patch_mask[..., None], token, tokens)
+
+
+def gather_tokens(tokens: Array, keep: Array) -> Array:
+  """tokens [B, N, D] at the indices keep [B, K] -> [B, K, D].
+
+  Raises:
+    ValueError: a keep that is not an integer [B, K] array.
+  """
+  if keep.ndim != 2 or keep.shape[0] != tokens.shape[0] or not jnp.issubdtype(
+      keep.dtype, jnp.integer):
+    raise ValueError(f'keep must be integer patch indices [batch={tokens.shape[0]}, K], got '
+                     f'{keep.dtype} {keep.shape}.')
+  return jnp.take_along_axis(tokens, keep[..., None], axis=1)
+
+
 def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
   if isinstance(grid, int):
     return grid, grid
@@ -427,30 +460,29 @@ class Model(nn.Module):
                    kernel_init=nn.initializers.lecun_normal(), name='proj')(x)
     return x
 
-  @nn.compact
-  def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, dict[str, Array]]:
-    """Runs the model.
-
-    Args:
-      image: float images [B, H, W, C] with H and W divisible by the patch size.
-      train: enables dropout (needs a 'dropout' rng when dropout > 0).
-
-    Returns:
-      (logits, out) where out holds 'stem' [B,N,D] (patch embeddings before the position
-      embedding), 'with_posemb' [B,N,D], 'encoded' [B,T,D] (all tokens after the encoder,
-      normalised unless fc_norm), 'patch_tokens' [B,N,D] (the last N of them), 'pooled' [B,D]
-      (class token or patch mean, after fc_norm), 'pre_logits' (pooled, projected by `proj`
-      when proj_dim is set) and 'logits'.
-    """
-    self._check_config()
+  def _tokens(self, image: Array, out: dict[str, Array], patch_mask: Array | None,
+              mask_token: Array | None, keep: Array | None) -> tuple[Array, int]:
+    """The encoder's input [B, T, D] (prefix tokens, then the patch tokens it sees) and the
+    number of patch tokens in it; fills out['stem'] and out['with_posemb']."""
     cfg = decode_variant(self.variant)
-    width, out = cfg['width'], {}
+    width = cfg['width']
     x, grid = self._embed(image, cfg['patch_size'], width)
-    num_patches = x.shape[1]
     out['stem'] = x
-    x = out['with_posemb'] = x + self._posemb(grid, width).astype(x.dtype)
+    if patch_mask is not None:
+      x = replace_masked(x, patch_mask, mask_token)
+    x = x + self._posemb(grid, width).astype(x.dtype)
+    if keep is not None:
+      x = gather_tokens(x, keep)
+    out['with_posemb'] = x
     prefix = [t.astype(x.dtype) for t in self._prefix_tokens(x.shape[0], width)]
-    x = jnp.concatenate(prefix + [x], axis=1)
+    return jnp.concatenate(prefix + [x], axis=1), x.shape[1]
+
+  def _encode(self, image: Array, train: bool, patch_mask: Array | None = None,
+              mask_token: Array | None = None, keep: Array | None = None) -> dict[str, Array]:
+    """Runs everything up to the pooled features; returns `out` (see `__call__`)."""
+    self._check_config()
+    cfg, out = decode_variant(self.variant), {}
+    x, num_patches = self._tokens(image, out, patch_mask, mask_token, keep)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     if self.pre_norm:
       x = nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name='ln_pre')(x)
@@ -460,7 +492,36 @@ class Model(nn.Module):
         mlp_act=self.mlp_act, ln_epsilon=self.ln_epsilon, final_norm=not self.fc_norm,
         name='encoder')(x, not train)
     patch_tokens = out['patch_tokens'] = encoded[:, -num_patches:]
-    x = out['pre_logits'] = self._pool(encoded, patch_tokens, out)
+    out['pre_logits'] = self._pool(encoded, patch_tokens, out)
+    return out
+
+  @nn.compact
+  def __call__(self, image: Array, *, train: bool = False, patch_mask: Array | None = None,
+               mask_token: Array | None = None, keep: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """Runs the model.
+
+    Args:
+      image: float images [B, H, W, C] with H and W divisible by the patch size.
+      train: enables dropout (needs a 'dropout' rng when dropout > 0).
+      patch_mask: optional bool [B, N], True where the patch embedding is replaced by
+        `mask_token` before the position embedding is added (SimMIM-style masked input).
+      mask_token: [D] (or broadcastable to [B, N, D]) token for the masked patches; needed
+        with `patch_mask`. The model holds no mask token of its own.
+      keep: optional int [B, K], the indices of the patches the encoder sees (MAE-style: the
+        patch tokens and their position embeddings are gathered, so the encoder's cost falls
+        with K); the prefix tokens (class token, registers) are always kept.
+
+    Returns:
+      (logits, out) where out holds 'stem' [B,N,D] (patch embeddings before masking and the
+      position embedding), 'with_posemb' [B,N',D] (the patch tokens entering, after masking,
+      position embedding and `keep`: N' = K with `keep`, else N), 'encoded' [B,T,D] (all
+      tokens after the encoder, normalised unless fc_norm), 'patch_tokens' [B,N',D] (the last
+      N' of them), 'pooled' [B,D] (class token or patch mean, after fc_norm), 'pre_logits'
+      (pooled, projected by `proj` when proj_dim is set) and 'logits'.
+    """
+    out = self._encode(image, train, patch_mask, mask_token, keep)
+    x = out['pre_logits']
     if self.num_classes:
       kernel_init = (nn.initializers.zeros if self.head_zeroinit
                      else nn.initializers.lecun_normal())
