@@ -16,7 +16,7 @@ trained on them (`fm_adapt.train.linear_probe`). What that needs of a run config
   * one process (the cache is a host array of every example).
 
 `ineligibility` lists what a config breaks (empty: eligible); `eligible` answers from the config
-alone. The static rules cannot see everything a model does in training mode, so the probe also
+and the model's parameter shapes (no weights are loaded). The static rules cannot see everything a model does in training mode, so the probe also
 checks its first training batch (`check_first_batch`): the model's own training-mode forward
 pass of the images must give the cached features, and its logits under a random head the head's
 logits of them.

@@ -20,6 +20,7 @@ from fm_adapt import models
 from fm_adapt import study
 from fm_adapt.adapt import compose
 from fm_adapt.evaluators import predictions as predictions_lib
+from fm_adapt.train import checkpoint as ckpt_lib
 from fm_adapt.train import feature_cache
 from fm_adapt.train import interrupt
 from fm_adapt.train import linear_probe
@@ -45,6 +46,12 @@ def _config(tiny_config, **overrides):
 def _losses(workdir):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _stop_at_4(self, step):
+  if step == 4:
+    self.signum = signal.SIGTERM
+  return step == 4
 
 
 def _assert_same_run(want_dir, got_dir, want, got):
@@ -163,13 +170,8 @@ def test_interrupted_cached_probe_resumes_to_the_same_result(tiny_config, tmp_pa
   config = _config(tiny_config)
   want = linear_probe.train_and_evaluate_cached(config, tmp_path / "once")
 
-  def stop_at_4(self, step):
-    if step == 4:
-      self.signum = signal.SIGTERM
-    return step == 4
-
   with monkeypatch.context() as patch:
-    patch.setattr(interrupt.StopOnSignal, "requested", stop_at_4)
+    patch.setattr(interrupt.StopOnSignal, "requested", _stop_at_4)
     with pytest.raises(interrupt.Stopped):
       linear_probe.train_and_evaluate_cached(config, tmp_path / "twice")
   assert not (tmp_path / "twice" / "results.json").exists()
@@ -179,3 +181,21 @@ def test_interrupted_cached_probe_resumes_to_the_same_result(tiny_config, tmp_pa
   with np.load(want["export"]) as a, np.load(got["export"]) as b:
     for key in a.files:
       np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
+def test_end_to_end_workdir_does_not_resume_on_cached_features(tiny_config, tmp_path,
+                                                               monkeypatch):
+  """The two modes' loaders read different sources: grain refuses the other mode's position, so
+  every checkpoint is refused (with grain's reason) and none is moved or overwritten."""
+  config, workdir = _config(tiny_config), tmp_path / "w"
+  with monkeypatch.context() as patch:
+    patch.setattr(interrupt.StopOnSignal, "requested", _stop_at_4)
+    with pytest.raises(interrupt.Stopped):
+      loop.train_and_evaluate(config, workdir)
+  kept = sorted(p.name for p in (workdir / "ckpt").iterdir())
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"No kept checkpoint can be restored:\n"
+                                                     r".*ckpt/4: ValueError: DataSource in "
+                                                     r"checkpoint does not match"):
+    linear_probe.train_and_evaluate_cached(config, workdir)
+  assert sorted(p.name for p in (workdir / "ckpt").iterdir()) == kept
+  assert not (workdir / "corrupt").exists() and not (workdir / "results.json").exists()
