@@ -41,6 +41,7 @@ from fm_adapt import evaluators as evaluators_lib
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import build
+from fm_adapt.train import checkpoint as ckpt_lib
 from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import feature_cache
 from fm_adapt.train import files
@@ -48,7 +49,6 @@ from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import optim
 from fm_adapt.train import state as state_lib
 from fm_adapt.train import step as step_lib
-from fm_adapt.train import checkpoint as ckpt_lib
 from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
 
@@ -160,9 +160,9 @@ def cached_run(config: ml_collections.ConfigDict, run: build.Run,
   train_loader, steps_per_epoch, total_steps = build.make_train_loader(
       _feature_loader_config(config), train, config.get("seed", 0))
   if (steps_per_epoch, total_steps) != (run.steps_per_epoch, run.total_steps):
-    raise AssertionError(f"The feature loader has {steps_per_epoch} steps/epoch and "
-                         f"{total_steps} steps; the image run {run.steps_per_epoch} and "
-                         f"{run.total_steps}.")
+    raise RuntimeError(f"Internal error: the feature loader has {steps_per_epoch} steps/epoch "
+                       f"and {total_steps} steps, the image run {run.steps_per_epoch} and "
+                       f"{run.total_steps}: the cache holds other examples than the run's.")
   dtype = feature_cache.compute_dtype(fns.model_fns.model)
   feature_cache.check_first_batch(fns.model_fns.apply_fn, state, run.rng,
                                   next(iter(run.train_loader)), next(iter(train_loader)),
