@@ -1,0 +1,205 @@
+"""Seeds as one program (`stacked_loop.train_and_evaluate_stacked`), end to end on the tiny
+synthetic data (40 train images at batch 16: epochs of 3 steps, the third padded).
+
+Each seed of a stacked group must end where the run of that seed alone ends: the same final
+parameters (to float rounding), the same results.json; with dropout (a tiny ViT) so that each
+seed's keys matter, and with BatchNorm (a tiny ResNet) so that the stacked statistics and the
+padded batch's mask matter. A group that crashes mid-training resumes from its checkpoint to the
+uninterrupted group's final state exactly; a seed that diverges stops the group and nothing of
+that step is saved.
+"""
+import json
+import pathlib
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fm_adapt.train import finite
+from fm_adapt.train import loop
+from fm_adapt.train import stacked
+from fm_adapt.train import stacked_loop
+from fm_adapt.train import writer as writer_lib
+
+SEEDS = (0, 3)
+MODELS = {
+    # Dropout: each seed's keys decide its masks (a plain vmap of rbg keys gives seed 3 bits
+    # drawn from seed 0's key, see `stacked`).
+    "vit": dict(model_name="vit", model=dict(variant="mu/7", pool_type="gap", dropout=0.2)),
+    # BatchNorm statistics in model_state, masked on the padded third batch.
+    "resnet": dict(model_name="resnet", model=dict(depth=18, width=4)),
+}
+# Momentum SGD in the comparisons with single runs. Adam turns rounding differences of small
+# gradients (a batched matmul or convolution sums in another order) into steps of up to +-lr,
+# which compound: ~1e-6 on a tiny ViT's LayerNorm bias and ~1e-5 on a width-4 ResNet kernel
+# after 5 steps (seen). With SGD rounding stays rounding, so the comparison tests the stacking,
+# not Adam; the kill / resume test keeps Adam.
+SGD = dict(optax_name="momentum", lr=0.05)
+
+
+def _configs(tiny_config, model: str, **overrides):
+  configs = []
+  for seed in SEEDS:
+    config = tiny_config(**MODELS[model], **overrides)
+    config.seed = seed
+    configs.append(config)
+  return configs
+
+
+def _final_state(path: pathlib.Path, step: int) -> dict:
+  """The flat checkpointed state of `step`: parameters, BatchNorm statistics, optimizer, step."""
+  tree = ocp.StandardCheckpointer().restore(path / "ckpt" / str(step) / "state")
+  return ocp.tree.to_flat_dict(tree)
+
+
+def _export(workdir: pathlib.Path) -> dict:
+  with np.load(workdir / "export" / "model.npz", allow_pickle=False) as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("model", ["vit", "resnet"])
+def test_each_seed_equals_its_run_alone(tmp_path, tiny_config, model):
+  """5 steps (the third padded), evaluated at 2, 4, 5: the stacked seeds' final parameters,
+  BatchNorm statistics and optimizer state, exported best weights and results equal the single
+  runs' (to 1e-5 of each array's largest entry)."""
+  configs = _configs(tiny_config, model, total_steps=5, **SGD)
+  alone = [tmp_path / f"alone-s{s}" for s in SEEDS]
+  for config, workdir in zip(configs, alone):
+    loop.train_and_evaluate(config, workdir)
+  together = [tmp_path / f"m-s{s}" for s in SEEDS]
+  results = stacked_loop.train_and_evaluate_stacked(configs, together)
+
+  group = tmp_path / "stacked" / "+".join(w.name for w in together)
+  final = _final_state(group, 5)
+  # BatchNorm statistics are compared too (the ViT has none).
+  assert {str(k[0]) for k in final} == {"params", "opt", "step"} | (
+      {"model_state"} if model == "resnet" else set())
+  for k, workdir in enumerate(alone):
+    want_results = json.loads((workdir / "results.json").read_text())
+    want = _final_state(workdir, 5)
+    assert set(want) == set(final)
+    for key, value in want.items():
+      _assert_close(final[key][k], value, str(key))
+    got_export, want_export = _export(together[k]), _export(workdir)
+    assert set(got_export) == set(want_export)
+    for key in want_export:
+      _assert_close(got_export[key], want_export[key], key)
+    got_results = json.loads((together[k] / "results.json").read_text())
+    assert got_results == json.loads(json.dumps(results[k]))
+    assert _drop_paths(got_results, together[k]) == _drop_paths(want_results, workdir)
+    for name, value in want_results["metrics"].items():
+      assert got_results["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert (json.loads((together[k] / "config.json").read_text()) ==
+            json.loads((workdir / "config.json").read_text()))
+    assert sorted(p.name for p in (together[k] / "predictions").iterdir()) == ["test.csv",
+                                                                              "val.csv"]
+    logged = writer_lib.read_metrics(together[k])
+    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in logged if "val/auc" in r] == [2, 4, 5]
+  # One training checkpoint: the group's.
+  assert not [p for w in together for p in (w / "ckpt").glob("[0-9]*")]
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
+  """Equal to 1e-5 relative to the array's largest entry (float rounding of a sum in another
+  order is relative to the summands, not to each small result)."""
+  scale = float(np.max(np.abs(want))) if np.size(want) else 0.0
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=max(1e-5 * scale, 1e-9), err_msg=name)
+
+
+def _drop_paths(results: dict, workdir: pathlib.Path) -> dict:
+  """results.json without the metrics (compared within rounding) and with the workdir's own
+  path made relative."""
+  out = {k: v for k, v in results.items() if k != "metrics"}
+  out["export"] = str(pathlib.Path(out["export"]).relative_to(workdir))
+  return out
+
+
+def test_crashed_group_resumes_exactly(tmp_path, tiny_config, monkeypatch):
+  """A group that dies after its step-4 checkpoint resumes from it (stacked state and both
+  seeds' data iterators) to the uninterrupted group's state at step 6, bit for bit."""
+  configs = _configs(tiny_config, "vit", total_steps=6, eval_every=3)
+  reference = [tmp_path / f"ref-s{s}" for s in SEEDS]
+  want = stacked_loop.train_and_evaluate_stacked(configs, reference)
+
+  crashed = [tmp_path / f"crash-s{s}" for s in SEEDS]
+  real_batch = stacked.stacked_batch
+  calls = []
+
+  def dying_batch(*args):
+    calls.append(1)
+    if len(calls) == 5:
+      raise RuntimeError("killed")
+    return real_batch(*args)
+
+  monkeypatch.setattr(stacked, "stacked_batch", dying_batch)
+  with pytest.raises(RuntimeError, match="killed"):
+    stacked_loop.train_and_evaluate_stacked(configs, crashed)
+  monkeypatch.setattr(stacked, "stacked_batch", real_batch)
+  group = tmp_path / "stacked" / "+".join(w.name for w in crashed)
+  assert sorted(int(p.name) for p in (group / "ckpt").glob("[0-9]*")) == [2, 4]
+  assert not any((w / "results.json").exists() for w in crashed)
+
+  got = stacked_loop.train_and_evaluate_stacked(configs, crashed)
+  ref_group = tmp_path / "stacked" / "+".join(w.name for w in reference)
+  flat_want, flat_got = _final_state(ref_group, 6), _final_state(group, 6)
+  assert flat_want.keys() == flat_got.keys()
+  for key in flat_want:
+    np.testing.assert_array_equal(flat_got[key], flat_want[key], err_msg=str(key))
+  for k in range(len(SEEDS)):
+    assert got[k]["metrics"] == want[k]["metrics"]
+    logged = writer_lib.read_metrics(crashed[k])
+    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert _without_rate(logged) == _without_rate(writer_lib.read_metrics(reference[k]))
+
+
+def _without_rate(rows: list[dict]) -> list[dict]:
+  return [{k: v for k, v in row.items() if k != "train/img_per_sec"} for row in rows]
+
+
+def test_a_diverging_seed_stops_the_group_unsaved(tmp_path, tiny_config, monkeypatch):
+  """NaN images for seed 3 from step 3 on: the group stops at step 3 naming seed 3's workdir;
+  the group keeps its step-2 checkpoint only, no results are written for any seed."""
+  configs = _configs(tiny_config, "vit", total_steps=4, checkpoint_every=1, eval_every=4)
+  workdirs = [tmp_path / f"nan-s{s}" for s in SEEDS]
+  real_batch = stacked.stacked_batch
+  calls = []
+
+  def poisoned(batch, mesh):
+    calls.append(1)
+    if len(calls) >= 3:
+      batch = dict(batch, image=batch["image"].copy())
+      batch["image"][1] = np.nan
+    return real_batch(batch, mesh)
+
+  monkeypatch.setattr(stacked, "stacked_batch", poisoned)
+  with pytest.raises(finite.NonFiniteError) as error:
+    stacked_loop.train_and_evaluate_stacked(configs, workdirs)
+  message = str(error.value)
+  assert "at step 3" in message and str(workdirs[1]) in message and "Seed 3" in message
+  group = tmp_path / "stacked" / "+".join(w.name for w in workdirs)
+  assert sorted(int(p.name) for p in (group / "ckpt").glob("[0-9]*")) == [1, 2]
+  assert not [w for w in workdirs if (w / "results.json").exists()]
+  assert not [p for w in workdirs for p in (w / "best").glob("[0-9]*")]
+  state = _final_state(group, 2)
+  assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")
+
+
+def test_runs_that_differ_beyond_the_seed_are_refused(tmp_path, tiny_config):
+  configs = _configs(tiny_config, "vit")
+  configs[1].lr = 0.5
+  with pytest.raises(stacked_loop.StackError, match=r"(?s)differs .* in:\n  lr: stored"):
+    stacked_loop.train_and_evaluate_stacked(configs, [tmp_path / "a", tmp_path / "b"])
+  configs = _configs(tiny_config, "vit")
+  configs[1].seed = configs[0].seed
+  with pytest.raises(stacked_loop.StackError, match="repeat a seed"):
+    stacked_loop.train_and_evaluate_stacked(configs, [tmp_path / "a", tmp_path / "b"])
+  assert not (tmp_path / "a").exists()  # Refused before anything is written.
+
+
+def test_a_run_trained_alone_is_not_stacked(tmp_path, tiny_config):
+  configs = _configs(tiny_config, "vit", total_steps=2)
+  workdirs = [tmp_path / f"w-s{s}" for s in SEEDS]
+  loop.train_and_evaluate(configs[1], workdirs[1])
+  with pytest.raises(stacked_loop.StackError, match="trained alone"):
+    stacked_loop.train_and_evaluate_stacked(configs, workdirs)
