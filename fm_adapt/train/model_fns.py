@@ -1,7 +1,7 @@
 """A model's functions: `apply` and `init` factories, and the adapted, pretrained model of a config.
 
-`make_apply_fn(model)` gives `apply(params, model_state, images, *, train, rng, mask=None) ->
-(logits, out, new_model_state)`, the one signature the update step, the evaluators and every
+`make_apply_fn(model)` gives `apply(params, model_state, images, *, train, rng, mask=None,
+**model_kwargs) -> (logits, out, new_model_state)`, the one signature the update step, the evaluators and every
 adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)` gives
 `init(rng) -> variables`. `build_model(config, ...)` builds the model of `config.model_name` /
 `config.model` with the compute dtype of `config.dtype` and the rematerialization of
@@ -11,6 +11,10 @@ adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)
 model (`fm_adapt.weights.zoo`): the ViT of the entry's configuration, with the keys of
 `config.model` overriding it (printed), loaded with the entry's layout. The head is the
 dataset's (`num_classes` of the data, never the catalogue's).
+
+With a MIM objective (`config.loss.name` in `fm_adapt.objectives.mim.NAMES`) the model is built
+without a head (`num_classes=None`): it pretrains an encoder ('vit_mim'), with the decoder the
+objective needs (`decoder_type`, set unless config.model gives it).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import ml_collections
 
 from fm_adapt import config as config_lib
 from fm_adapt import models
+from fm_adapt import objectives
 from fm_adapt.adapt import compose
 from fm_adapt import param_paths
 from fm_adapt import weights
@@ -40,7 +45,8 @@ def takes_mask(model: nn.Module) -> bool:
 
 
 def make_apply_fn(model: nn.Module, frozen_statistics: bool = False):
-  """Returns `apply(params, model_state, images, *, train, rng, mask=None) -> (logits, out, state)`.
+  """Returns `apply(params, model_state, images, *, train, rng, mask=None, **model_kwargs) ->
+  (logits, out, state)`.
 
   Args:
     model: the linen module.
@@ -50,15 +56,18 @@ def make_apply_fn(model: nn.Module, frozen_statistics: bool = False):
 
   In training, `mask` ([B] bool, False on padding rows) reaches models whose `__call__` takes
   it (batch statistics that must ignore padding); others need no mask (nothing couples rows).
+  `model_kwargs` go to the model's `__call__` as they are (e.g. the `patch_mask` or `keep` of
+  masked image modelling, `fm_adapt.models.mim`).
   """
   pass_mask = takes_mask(model)
 
   def apply_fn(params, model_state, images, *, train: bool, rng: jax.Array | None,
-               mask: jax.Array | None = None):
+               mask: jax.Array | None = None, **model_kwargs):
     train = train and not frozen_statistics
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     kwargs = {"mask": mask} if (train and pass_mask and mask is not None) else {}
+    kwargs.update(model_kwargs)
     if train and model_state:
       (logits, out), new_state = model.apply(variables, images, train=True, rngs=rngs,
                                              mutable=list(model_state), **kwargs)
@@ -127,6 +136,18 @@ class ModelFns:
   base: dict[str, str] | None = None
   model: Any = None
 
+  @property
+  def patch_size(self) -> int | None:
+    """The patch size of a ViT (MIM objectives need it), None for other models."""
+    return patch_size(self.model)
+
+
+def patch_size(model: nn.Module | None) -> int | None:
+  """The patch size of a ViT (`models.vit.Model` or a subclass), else None."""
+  if not isinstance(model, models.vit.Model):
+    return None
+  return models.vit.decode_variant(model.variant)["patch_size"]
+
 
 def catalogue_model(config: ml_collections.ConfigDict) -> tuple[Any, str, dict[str, Any]]:
   """(entry, checkpoint path, model kwargs) of a 'zoo:' `config.model_init`.
@@ -162,11 +183,15 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
   else:
     checkpoint, model_kwargs = config.get("model_init"), dict(config.get("model", {}))
   model_kwargs.update(precision_kwargs(config, config.model_name))
+  mim_loss = objectives.is_mim(config.get("loss"))
+  if mim_loss:
+    model_kwargs = objectives.mim.model_kwargs(config.loss.name, model_kwargs)
   adapt_cfgs = [dict(a) for a in (config.get("adapt") or ())]
   adaptation = (compose.apply_transforms(adapt_cfgs, config.model_name, model_kwargs)
                 if adapt_cfgs else None)
   kwargs = adaptation.model_kwargs if adaptation else model_kwargs
-  model = models.get_model(config.model_name, num_classes=spec.num_classes, **kwargs)
+  num_classes = None if mim_loss else spec.num_classes
+  model = models.get_model(config.model_name, num_classes=num_classes, **kwargs)
   apply_fn = make_apply_fn(model, bool(config.get("frozen_statistics")))
   model_init = init_variables_fn(model, image_shape)
   init_fn = model_init
@@ -185,7 +210,7 @@ def build_model(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple
   base = {"path": str(path), "sha256": locate.file_sha256(path)}
   if entry is not None:
     base["zoo"] = entry.name
-  base_model = models.get_model(config.model_name, num_classes=spec.num_classes, **model_kwargs)
+  base_model = models.get_model(config.model_name, num_classes=num_classes, **model_kwargs)
   base_paths = set(param_paths.flatten(jax.eval_shape(
       init_variables_fn(base_model, image_shape), jax.random.key(0))["params"]))
   extras = [p for p in param_paths.flatten(jax.eval_shape(init_fn, jax.random.key(0))["params"])
