@@ -27,7 +27,8 @@ import importlib.util
 import json
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -35,7 +36,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from fm_adapt import process_flags
+from fm_adapt import process_flags, study_plan
+from fm_adapt.report import study_index
 from fm_adapt.report import tables
 from fm_adapt.train import files, interrupt, loop
 from fm_adapt.train import workdir as workdir_lib, writer as writer_lib
@@ -120,9 +122,11 @@ def _check_no_conflict(run: RunSpec, overrides: Mapping[str, Any]) -> None:
 
 
 def run_config(module: Any, arg: str | None, run: RunSpec, workdir: epath.PathLike,
-               overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+               overrides: Mapping[str, Any] | None = None, resolve_runs: bool = True
+               ) -> ml_collections.ConfigDict:
   """The config of one run: get_config(arg), the seed, the sweep's overrides, the command line's
-  `overrides` (dotted keys), then `run:` references."""
+  `overrides` (dotted keys), then `run:` references (left as they are with `resolve_runs=False`,
+  for a plan made before those runs exist)."""
   overrides = dict(overrides or {})
   _check_no_conflict(run, overrides)
   config = module.get_config(arg)
@@ -130,6 +134,8 @@ def run_config(module: Any, arg: str | None, run: RunSpec, workdir: epath.PathLi
   apply_overrides(config, overrides)
   init = config.get("model_init")
   if isinstance(init, str) and init.startswith("run:"):
+    if not resolve_runs:
+      return config
     ref = init[len("run:"):]
     matches = sorted(files.as_path(workdir).glob(f"{ref}-s*/export/model.npz"))
     if not matches:
@@ -142,8 +148,13 @@ def run_config(module: Any, arg: str | None, run: RunSpec, workdir: epath.PathLi
 def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
               train: Callable[..., dict] = loop.train_and_evaluate,
               overrides: Mapping[str, Any] | None = None,
-              allow_harmless_changes: bool = False) -> str:
+              allow_harmless_changes: bool = False, only: str | None = None,
+              dry_run: bool = False) -> str:
   """Trains every run of a study that has not finished, then writes and returns the table.
+
+  A run that fails is recorded in `<run dir>/failure.json` (error and traceback) and the others
+  go on; the table holds the finished runs, `index.md` names the failed ones, and `StudyFailed`
+  is raised at the end. Rerunning the study retries them.
 
   Args:
     spec: 'path/to/experiment.py[:arg]'.
@@ -153,38 +164,128 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
     train: `train(config, run_workdir, data_dir, allow_harmless_changes) -> results`.
     overrides: dotted config keys set on every run (`--config.key=value`).
     allow_harmless_changes: on resume, accept changes of `workdir.HARMLESS_KEYS`.
+    only: a regex; only the runs whose `<name>-s<seed>` it matches (re.search) train and are
+      tabulated. A regex matching no run is an error listing the runs.
+    dry_run: print the plan (runs, steps, a measured step, estimated time) and train nothing.
+
+  Raises:
+    StudyFailed: after the table is written, when some runs failed.
   """
   module, arg = load_experiment(spec)
   workdir = files.as_path(workdir)
   workdir_lib.check_storage(workdir)
-  runs = expand(module, arg)
+  runs = study_plan.select(expand(module, arg), only)
   for run in runs:
     _check_no_conflict(run, overrides or {})
   _check_reference(module, runs)
+  configs = [run_config(module, arg, run, workdir, overrides, resolve_runs=False) for run in runs]
+  _check_run_references(runs, configs, workdir)
   first = loop.start_processes()
+  if dry_run:
+    done = [(workdir / run.dirname / "results.json").exists() for run in runs]
+    return study_plan.plan(runs, configs, done, data_dir)
+  del configs
   results: dict[str, list[dict]] = {}
+  full_results: dict[str, list[dict]] = {}
   configs: dict[str, ml_collections.ConfigDict] = {}
+  failed: dict[str, str] = {}
   for index, run in enumerate(runs):
     run_dir = workdir / run.dirname
     done = run_dir / "results.json"
-    with workdir_lib.lock(run_dir, owner=first):
-      config = run_config(module, arg, run, workdir, overrides)
-      configs.setdefault(run.name, config)
-      if done.exists():
-        workdir_lib.check_config(run_dir, config, allow_harmless_changes, write=False)
-        writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
-        result = json.loads(done.read_text())
-      else:
-        writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: training")
-        result = train(config, run_dir, data_dir, allow_harmless_changes)
+    try:
+      with workdir_lib.lock(run_dir, owner=first):
+        config = run_config(module, arg, run, workdir, overrides)
+        configs.setdefault(run.name, config)
+        if done.exists():
+          workdir_lib.check_config(run_dir, config, allow_harmless_changes, write=False)
+          writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
+          result = json.loads(done.read_text())
+        else:
+          writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: training")
+          result = train(config, run_dir, data_dir, allow_harmless_changes)
+    except Exception as error:  # pylint: disable=broad-except  (KeyboardInterrupt stops all)
+      failed[run.dirname] = _record_failure(run_dir, error, first)
+      writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: FAILED ({failed[run.dirname]})"
+                         "; the study goes on.")
+      continue
     results.setdefault(run.name, []).append(_flat_result(result))
-  rows = tables.aggregate(results, [*METRICS, *tables.STUDY_COSTS], extra=_EXTRA)
-  reference = reference_run(module, configs)
-  columns = [c for c in COLUMNS if c != "step_time_ratio" or reference is not None]
+    full_results.setdefault(run.name, []).append(dict(result))
+  markdown = _write_study(module, workdir, results, full_results, configs, failed, first)
+  if failed:
+    lines = "".join(f"\n  {name}: {error}" for name, error in sorted(failed.items()))
+    raise StudyFailed(f"{len(failed)} of {len(runs)} runs failed (each has failure.json in its "
+                      f"directory under {workdir}; the table holds the others; run the study "
+                      f"again to retry them):{lines}", markdown)
+  return markdown
+
+
+def _check_run_references(runs: Sequence[RunSpec], configs: Sequence[ml_collections.ConfigDict],
+                          workdir: epath.Path) -> None:
+  """Each `model_init='run:<name>'` names a run earlier in the sweep, or one exported already."""
+  for index, (run, config) in enumerate(zip(runs, configs)):
+    init = config.get("model_init")
+    if not (isinstance(init, str) and init.startswith("run:")):
+      continue
+    ref = init[len("run:"):]
+    earlier = {r.name for r in runs[:index]}
+    if ref not in earlier and not list(workdir.glob(f"{ref}-s*/export/model.npz")):
+      raise FileNotFoundError(f"Run {run.dirname}: model_init={init!r}, but run {ref!r} has no "
+                              "export yet and is not earlier in the sweep; add it to the sweep "
+                              "before the runs that start from it.")
+
+
+class StudyFailed(RuntimeError):
+  """Some runs of a study failed (the others trained and were tabulated in `table`)."""
+
+  def __init__(self, message: str, table: str):
+    super().__init__(message)
+    self.table = table
+
+
+def _record_failure(run_dir: epath.Path, error: Exception, first: bool) -> str:
+  """Writes `<run_dir>/failure.json`; returns a one-line summary of the error."""
+  summary = f"{type(error).__name__}: {' '.join(str(error).split())}"
+  summary = summary if len(summary) <= 500 else summary[:497] + "..."
+  if first:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(run_dir / "failure.json", {
+        "error": type(error).__name__, "message": str(error),
+        "traceback": "".join(traceback.format_exception(error))})
+  return summary
+
+
+def _write_study(module: Any, workdir: epath.Path, results: Mapping[str, list[dict]],
+                 full_results: Mapping[str, list[dict]],
+                 configs: Mapping[str, ml_collections.ConfigDict], failed: Mapping[str, str],
+                 first: bool) -> str:
+  """Writes the tables, the experiment's own report (`report(rows, results)`) and `index.md`."""
+  metrics = tuple(getattr(module, "METRICS", METRICS))
+  rows = tables.aggregate(results, [*metrics, *tables.STUDY_COSTS], extra=_EXTRA)
+  reference = reference_run(module, configs) if results else None
+  columns = [c for c in _columns(metrics) if c != "step_time_ratio" or reference is not None]
   if reference is not None:
     rows = tables.ratio_to(rows, "step_time_ms", reference, "step_time_ratio")
+  if not first:
+    return tables.to_markdown(rows, columns)
   markdown = tables.write_tables(workdir, rows, columns)
+  extra = module.report(rows, full_results) if hasattr(module, "report") and rows else {}
+  for name, content in extra.items():
+    path = workdir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+  (workdir / "index.md").write_text(study_index.index(workdir, sorted(results), extra, failed))
   return markdown
+
+
+def _columns(metrics: Sequence[str]) -> list[str]:
+  """The table's columns with the experiment's metric columns in place of the default ones."""
+  out = []
+  for column in COLUMNS:
+    if column == METRICS[0]:
+      out += list(metrics)
+    elif column not in METRICS:
+      out.append(column)
+  return out
 
 
 def _check_reference(module: Any, runs: list[RunSpec]) -> None:
@@ -204,7 +305,14 @@ def is_full_finetuning(config: ml_collections.ConfigDict) -> bool:
 
 
 def reference_run(module: Any, configs: Mapping[str, ml_collections.ConfigDict]) -> str | None:
-  """The run name step times are compared with (module docstring); None, said, if none."""
+  """The run name step times are compared with (module docstring); None, said, if none.
+
+  An experiment whose rows need different references (full fine-tuning of the same dataset and
+  backbone) defines `reference_of(run_name) -> run name | None` instead of `REFERENCE`: the
+  result is then a function; a row whose reference did not run has no ratio, said.
+  """
+  if hasattr(module, "reference_of"):
+    return _reference_function(module.reference_of, configs)
   if hasattr(module, "REFERENCE"):
     return module.REFERENCE
   full = [name for name, config in configs.items() if is_full_finetuning(config)]
@@ -218,6 +326,17 @@ def reference_run(module: Any, configs: Mapping[str, ml_collections.ConfigDict])
                        f"fine-tuning runs {full}; set REFERENCE = '<run name>' in the experiment "
                        "to choose another.")
   return full[0]
+
+
+def _reference_function(reference_of: Callable[[str], str | None],
+                        configs: Mapping[str, ml_collections.ConfigDict]
+                        ) -> Callable[[str], str | None]:
+  missing = sorted({ref for name in configs if (ref := reference_of(name)) is not None
+                    and ref not in configs})
+  if missing:
+    writer_lib.console(f"No step_time_ratio for the runs compared with {missing}: those "
+                       "reference runs are not part of this study's results.")
+  return lambda name: ref if (ref := reference_of(name)) in configs else None
 
 
 def _flat_result(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +361,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "apply to every run.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
+_ONLY = flags.DEFINE_string(
+    "only", None, "Regex: train and tabulate only the runs whose <name>-s<seed> it matches.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the plan (runs, steps, a measured step, estimated time); train "
+    "nothing.")
 _ALLOW_HARMLESS = flags.DEFINE_bool(
     "allow_harmless_changes", False,
     "On resume, accept config changes of " + ", ".join(workdir_lib.HARMLESS_KEYS) + ".")
@@ -256,7 +380,11 @@ def main(argv) -> None:
     process_flags.start_from_flags()
     table = run_study(config_flags.get_config_filename(config_flag), _WORKDIR.value,
                       _DATA_DIR.value, overrides=config_flags.get_override_values(config_flag),
-                      allow_harmless_changes=_ALLOW_HARMLESS.value)
+                      allow_harmless_changes=_ALLOW_HARMLESS.value, only=_ONLY.value,
+                      dry_run=_DRY_RUN.value)
+  except StudyFailed as error:
+    print(error.table, flush=True)
+    interrupt.exit_with_error(error)
   except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
     interrupt.exit_with_resume_hint(error, _WORKDIR.value)
   except loop.REFUSALS as error:

@@ -11,7 +11,7 @@ import csv
 import io
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -58,22 +58,34 @@ def aggregate(groups: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequen
   return rows
 
 
-def ratio_to(rows: Sequence[Mapping[str, Any]], metric: str, reference: str, name: str
-             ) -> list[dict[str, Any]]:
-  """The rows with a `name` column: each row's mean of `metric` over the `reference` row's.
+def ratio_to(rows: Sequence[Mapping[str, Any]], metric: str,
+             reference: str | Callable[[str], str | None], name: str) -> list[dict[str, Any]]:
+  """The rows with a `name` column: each row's mean of `metric` over its reference row's.
+
+  Args:
+    rows: the aggregated rows (`aggregate`).
+    metric: the column compared (a `Stat`).
+    reference: the run every row is compared with, or a function giving each row's reference
+      run from its name (None: no reference, NaN).
+    name: the new column.
 
   NaN where either mean is undefined.
 
   Raises:
-    KeyError: when no row has `run` == `reference`, naming the runs.
+    KeyError: when a reference names no row, naming the runs.
   """
   by_run = {row["run"]: row for row in rows}
-  if reference not in by_run:
-    raise KeyError(f"No run {reference!r} to compare {metric} with; runs: {list(by_run)}")
-  base = by_run[reference][metric].mean
-  defined = not math.isnan(base) and base > 0
-  return [dict(row, **{name: row[metric].mean / base if defined else float("nan")})
-          for row in rows]
+  reference_of = reference if callable(reference) else (lambda _: reference)
+  out = []
+  for row in rows:
+    ref = reference_of(row["run"])
+    if ref is not None and ref not in by_run:
+      raise KeyError(f"No run {ref!r} to compare {metric} of {row['run']!r} with; runs: "
+                     f"{list(by_run)}")
+    base = float("nan") if ref is None else by_run[ref][metric].mean
+    defined = not math.isnan(base) and base > 0
+    out.append(dict(row, **{name: row[metric].mean / base if defined else float("nan")}))
+  return out
 
 
 def _cell(value: Any, digits: int) -> str:

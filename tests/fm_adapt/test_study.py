@@ -104,7 +104,7 @@ def test_command_line_overrides_apply_to_every_run(tmp_path, tiny_experiment, ti
   # Finished runs are skipped with the same overrides, and refused with a changed config.
   never = lambda *a: pytest.fail("a finished run was trained again")
   study.run_study(str(exp), workdir, train=never, overrides={"total_steps": 2, "description": "cli"})
-  with pytest.raises(workdir_lib.ConfigChanged, match="total_steps: stored 2, now 4"):
+  with pytest.raises(study.StudyFailed, match="(?s)a-s0: ConfigChanged: .*total_steps: stored 2, now 4"):
     study.run_study(str(exp), workdir, train=never, overrides={"description": "cli"})
 
 
@@ -131,7 +131,7 @@ def test_study_takes_each_runs_lock(tmp_path, tiny_experiment):
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(workdir_lib.WorkdirBusy, match=f"in use by process {holder.pid} "):
+    with pytest.raises(study.StudyFailed, match=f"(?s)b-s0: WorkdirBusy: .*in use by process {holder.pid} "):
       study.run_study(str(exp), tmp_path / "s", train=lambda *a: (trained.append(a), _FAKE)[1])
   finally:
     holder.kill()
@@ -226,3 +226,102 @@ def test_full_fine_tuning_is_no_adaptation_and_no_frozen_rule():
   assert not study.is_full_finetuning(config(schedule=[("head/.*", dict(decay_type="constant")),
                                                        (".*", None)]))
   assert not study.is_full_finetuning(config(adapt=[dict(name="lora")], schedule=dict()))
+
+
+_THREE = """
+    def sweep(add, arg=None):
+      add(name="a")
+      add(name="bad")
+      add(name="c")
+"""
+
+
+def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_THREE)
+  trained = []
+
+  def train(config, run_dir, *args):
+    trained.append(run_dir.name)
+    if run_dir.name == "bad-s0":
+      raise RuntimeError("diverged\nat step 3")
+    return _FAKE
+
+  with pytest.raises(study.StudyFailed, match=r"(?s)1 of 3 runs failed .*bad-s0: RuntimeError: "
+                                              r"diverged at step 3") as failure:
+    study.run_study(str(exp), tmp_path / "s", train=train)
+  assert trained == ["a-s0", "bad-s0", "c-s0"]
+  record = json.loads((tmp_path / "s" / "bad-s0" / "failure.json").read_text())
+  assert record["error"] == "RuntimeError" and "Traceback" in record["traceback"]
+  assert "| a |" in failure.value.table and "| c |" in failure.value.table
+  assert "| bad |" not in failure.value.table
+  index = (tmp_path / "s" / "index.md").read_text()
+  assert "## Failed runs" in index and "bad-s0/failure.json" in index
+  # A rerun retries only the failed run.
+  trained.clear()
+  study.run_study(str(exp), tmp_path / "s",
+                  train=lambda config, run_dir, *a: (trained.append(run_dir.name), _FAKE)[1])
+  assert trained == ["bad-s0"]
+
+
+def test_only_selects_runs_by_regex_and_must_match(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_THREE)
+  trained = []
+  markdown = study.run_study(str(exp), tmp_path / "s", only="^(a|c)-",
+                             train=lambda config, run_dir, *a: (trained.append(run_dir.name),
+                                                                _FAKE)[1])
+  assert trained == ["a-s0", "c-s0"] and "| bad |" not in markdown
+  with pytest.raises(ValueError, match=r"--only='\^z' matches no run of the study; its runs are "
+                                       r"\['a', 'bad', 'c'\]"):
+    study.run_study(str(exp), tmp_path / "s", only="^z", train=lambda *a: pytest.fail("trained"))
+  with pytest.raises(ValueError, match="not a regular expression"):
+    study.run_study(str(exp), tmp_path / "s", only="(", train=lambda *a: pytest.fail("trained"))
+
+
+_REPORT = _COSTS + """
+    def reference_of(name):
+      return "full" if name != "probe" else "missing"
+
+    def report(rows, results):
+      names = ",".join(sorted(results))
+      seeds = ",".join(str(len(results[n])) for n in sorted(results))
+      return {"extra/summary.md": f"{names} {seeds}", "curve.png": b"\\x89PNG fake"}
+"""
+
+
+def test_report_hook_index_and_per_row_references(tmp_path, tiny_experiment, capsys):
+  exp = tiny_experiment(_REPORT)
+  train = _fake_train({"full": 0.010, "lora": 0.005, "probe": 0.002})
+  markdown = study.run_study(str(exp), tmp_path / "s", train=train)
+  assert (tmp_path / "s" / "extra" / "summary.md").read_text() == "full,lora,probe 2,1,1"
+  assert (tmp_path / "s" / "curve.png").read_bytes() == b"\x89PNG fake"
+  index = (tmp_path / "s" / "index.md").read_text()
+  for link in ("[results.md](results.md)", "[extra/summary.md](extra/summary.md)",
+               "![curve.png](curve.png)", "- full: \n"):
+    assert link in index
+  assert _row(markdown, "lora")["step_time_ratio"] == "0.476"  # 5 ms / 10.5 ms.
+  assert _row(markdown, "probe")["step_time_ratio"] == "n/a"  # Its reference did not run.
+  assert "No step_time_ratio for the runs compared with ['missing']" in capsys.readouterr().err
+
+
+def test_experiment_metrics_replace_the_default_columns(tmp_path, tiny_experiment):
+  exp = tiny_experiment('\n    METRICS = ("test/auc", "calib/ece")\n' + _THREE.replace(
+      'add(name="bad")', "pass"))
+  result = dict(_FAKE, metrics={"test/auc": 0.5, "calib/ece": 0.07, "val/auc": 0.5})
+  markdown = study.run_study(str(exp), tmp_path / "s", train=lambda *a: result)
+  header = markdown.splitlines()[0]
+  assert "| calib/ece |" in header and "val/auc" not in header
+  assert _row(markdown, "a")["calib/ece"] == "0.070"
+
+
+def test_dry_run_measures_a_step_and_trains_nothing(tmp_path, tiny_experiment):
+  exp = tiny_experiment(_BASE_AND_LORA)
+  plan = study.run_study(str(exp), tmp_path / "s", dry_run=True,
+                         train=lambda *a: pytest.fail("trained"))
+  lines = plan.splitlines()
+  assert lines[0] == "| run | seed | steps | step (s) | estimate |"
+  rows = [l.split("|")[1:-1] for l in lines[2:5]]
+  assert [r[0].strip() for r in rows] == ["base-s0", "lora-s0", "lora-s1"]
+  assert all(float(r[3]) > 0 for r in rows)
+  assert rows[1][3] == rows[2][3]  # One training program: measured once.
+  assert "3 runs (0 done), 2 distinct training programs measured" in plan
+  assert not (tmp_path / "s" / "base-s0").exists()
