@@ -121,8 +121,9 @@ def _cell(row: Mapping[str, Any] | None, metric: str) -> str:
   return f"{stat.mean:.3f}" if math.isnan(stat.std) else f"{stat.mean:.3f} ± {stat.std:.3f}"
 
 
-def report(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-  """The paper-style table from the study's aggregated rows (`run` = `<flag>_<model>`).
+def report(rows: Sequence[Mapping[str, Any]], results: Any = None) -> dict[str, str]:
+  """The paper-style table from the study's aggregated rows (`run` = `<flag>_<model>`); the
+  per-run `results` are not needed.
 
   Returns:
     {file name: markdown} for the study to write beside its tables.

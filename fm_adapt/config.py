@@ -50,6 +50,9 @@ RUN_KEYS = {
               "keeping its activations (less memory, ~1/3 more compute)."),
     "grad_accum_steps": ("split each batch into this many micro-batches inside the update, "
                          "accumulating gradients (same update as one big batch)."),
+    "probe": ("'end_to_end' (default) | 'cached': a linear probe's head trains on features the "
+              "frozen encoder computes once per split (fm_adapt.train.linear_probe; an "
+              "ineligible config is an error naming why) | 'auto': cached where eligible."),
     "runlocal": "whether the experiment was shrunk to a smoke run (recorded, not used).",
     "description": "free text recorded with the results.",
 }
@@ -63,6 +66,18 @@ def check_dtype(value: Any) -> str:
   """Returns `config.dtype` as a valid name; fails naming the valid ones."""
   if value not in DTYPES:
     raise ValueError(f"Unknown config.dtype {value!r}; valid: {list(DTYPES)}.")
+  return value
+
+
+# Valid `config.probe` values: how a linear probe's head is trained.
+PROBES = ("end_to_end", "cached", "auto")
+
+
+def check_probe(value: Any) -> str:
+  """Returns `config.probe` (None means 'end_to_end'); fails naming the valid ones."""
+  value = "end_to_end" if value is None else value
+  if value not in PROBES:
+    raise ValueError(f"Unknown config.probe {value!r}; valid: {list(PROBES)}.")
   return value
 
 
@@ -142,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.remat = False
   config.grad_accum_steps = 1
   config.runlocal = False
+  config.probe = "end_to_end"
   config.description = ""
   return config
 
@@ -226,6 +242,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_batch_size(dict(entry).get("batch_size"), f"config.evals.{name}.batch_size")
   check_label_fraction(inputs.get("label_fraction"))
   check_dtype(config.get("dtype", "float32"))
+  check_probe(config.get("probe"))
   check_remat(config.get("remat"))
   steps = check_grad_accum_steps(config.get("grad_accum_steps"))
   if inputs.get("batch_size") % steps:

@@ -1,6 +1,6 @@
 """Linear probing on cached features: the frozen encoder runs once per split, the head trains.
 
-  results = linear_probe.train_and_evaluate_cached(config, workdir)
+  config.probe = 'cached'  # or 'auto'; loop.train_and_evaluate then calls
   run = linear_probe.cached_run(config, build.build_run(config, data_dir), data_dir)
 
 trains the same run as `loop.train_and_evaluate(config, workdir)` and writes the same files
@@ -36,20 +36,15 @@ import ml_collections
 
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import datasets, loader
-from fm_adapt import config as config_lib
 from fm_adapt import evaluators as evaluators_lib
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.objectives import classification as objectives
 from fm_adapt.train import build
-from fm_adapt.train import checkpoint as ckpt_lib
-from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import feature_cache
-from fm_adapt.train import files
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import optim
 from fm_adapt.train import state as state_lib
 from fm_adapt.train import step as step_lib
-from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
 
 NotEligible = feature_cache.NotEligible
@@ -172,57 +167,3 @@ def cached_run(config: ml_collections.ConfigDict, run: build.Run,
       run, train_loader=train_loader, init_state=_first_then(state, run.init_state),
       update_fn=_head_update_fn(config, spec, fns, head_apply, run.total_steps),
       evaluators=_evaluators(config, run, cache, head_apply))
-
-
-def train_and_evaluate_cached(config: ml_collections.ConfigDict, workdir: Any,
-                              data_dir: str | None = None,
-                              allow_harmless_changes: bool = False) -> dict[str, Any]:
-  """`loop.train_and_evaluate` of a linear probe, with the head trained on cached features.
-
-  Same arguments, files and results (see the module docstring); the steps are those of
-  `loop.train_and_evaluate` with `cached_run` applied to the run.
-
-  Raises:
-    NotEligible: for a config whose head cannot train on cached features (nothing is trained).
-    Everything `loop.train_and_evaluate` raises.
-  """
-  # pylint: disable=protected-access
-  # Imported here: once loop.py selects the probe from the config, it calls `cached_run` of this
-  # module, and a module-level import would be circular.
-  from fm_adapt.train import loop  # pylint: disable=import-outside-toplevel
-  config_lib.validate(config)
-  workdir = files.as_path(workdir)
-  workdir_lib.check_storage(workdir)
-  first = loop.start_processes()
-  data_dir = data_dir or config.get("data_dir")
-  with workdir_lib.lock(workdir, owner=first):
-    workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
-    run = build.build_run(config, data_dir)
-    # The wall time starts before the state is initialised, as the loop's: here that is before
-    # the features are computed (`cached_run` initialises the state for them).
-    costs = costs_lib.RunCosts()
-    run = cached_run(config, run, data_dir)
-    best_metric = config.get("best_metric", "val/auc")
-    loop._check_best_metric(best_metric, run)
-    ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
-                                    best_metric=best_metric)
-    writer = None
-    try:
-      iterator = iter(run.train_loader)
-      state, start = loop._restore_or_init(run, ckpt, iterator)
-      costs.resumed_from_step = start
-      loop._write_param_counts(workdir, state)
-      update_fn = step_lib.jit_update(run.update_fn, state, run.mesh)
-      writer = writer_lib.MetricWriter(workdir, resume_step=start)
-      state = loop._train(config, run, update_fn, state, iterator, ckpt, writer, start, workdir,
-                          step_timer=costs.step_timer)
-      results = loop._final_results(config, run, ckpt, workdir, state)
-      results.update(costs.fields())
-    finally:
-      ckpt.wait()
-      ckpt.close()
-      if writer is not None:
-        writer.close()
-    if first:
-      files.write_json(workdir / "results.json", results)
-  return results

@@ -30,6 +30,7 @@ from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import files
 from fm_adapt.train import finite
 from fm_adapt.train import interrupt
+from fm_adapt.train import linear_probe
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import processes
 from fm_adapt.train import build
@@ -43,7 +44,8 @@ NonFiniteError = finite.NonFiniteError
 # a traceback.
 REFUSALS = (workdir_lib.WorkdirError, finite.NonFiniteError, ckpt_lib.CheckpointError,
             ckpt_lib.IncompatibleCheckpoint, processes.JoinError,
-            coordination.PrepareTimeoutError, coordination.PrepareFailedError)
+            coordination.PrepareTimeoutError, coordination.PrepareFailedError,
+            linear_probe.NotEligible)
 
 
 def _data_state(run: build.Run) -> dict[str, Any]:
@@ -100,13 +102,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   with workdir_lib.lock(workdir, owner=first):
     workdir_lib.check_config(workdir, config, allow_harmless_changes, write=first)
     run = build.build_run(config, data_dir or config.get("data_dir"))
+    costs = costs_lib.RunCosts()  # The wall time holds a cached probe's feature extraction.
+    run = _select_probe(config, run, data_dir or config.get("data_dir"))
     best_metric = config.get("best_metric", "val/auc")
     _check_best_metric(best_metric, run)
     ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.get("keep_ckpts", 2),
                                     best_metric=best_metric)
     writer = None
     try:
-      costs = costs_lib.RunCosts()
       iterator = iter(run.train_loader)
       state, start = _restore_or_init(run, ckpt, iterator)
       costs.resumed_from_step = start
@@ -125,6 +128,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if first:
       files.write_json(workdir / "results.json", results)
   return results
+
+
+def _select_probe(config: ml_collections.ConfigDict, run: build.Run, data_dir: str | None
+                  ) -> build.Run:
+  """`config.probe`: 'end_to_end' (default) trains as configured; 'cached' trains the head on
+  features computed once (`linear_probe.cached_run`), and an ineligible config is an error
+  naming why; 'auto' caches where eligible, else trains end to end with a line saying why."""
+  probe = config_lib.check_probe(config.get("probe"))
+  if probe == "end_to_end":
+    return run
+  try:
+    return linear_probe.cached_run(config, run, data_dir)
+  except linear_probe.NotEligible as error:
+    if probe == "cached":
+      raise
+    writer_lib.console(f"config.probe='auto': training end to end. {error}")
+    return run
 
 
 def _check_best_metric(metric: str | None, run: build.Run) -> None:
