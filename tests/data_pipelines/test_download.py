@@ -88,7 +88,10 @@ def test_fetch_failure_says_where_to_put_the_file(tmp_path, no_proxy):
 
 
 SCRIPT = """
-import sys
+import signal, sys
+# A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT
+# ignored, and Python then leaves it ignored; a user's terminal delivers it. Be that terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from data_pipelines import datasets
 url, data_dir, tfds_dir = sys.argv[1:]
 cfg = dict(name='medmnist', flag='breastmnist', mirror=url, tfds_dir=tfds_dir)
