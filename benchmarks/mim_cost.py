@@ -151,8 +151,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     lines += [f'### {model_spec}', common.markdown_table(
         ['objective', 'batch', 'GFLOPs/step', 'step s (median)', 'CPU s', 'img/s',
          'loss (1st step)'], rows),
-              f"MAE / SimMIM: FLOPs {q['flops']:.3f}x ({_verdict(q['flops'] <= TARGETS['flops'], True)}"
-              f" <= {TARGETS['flops']}x), step time {q['time']:.3f}x "
+              f"MAE / SimMIM: FLOPs {q['flops']:.3f}x "
+              f"({_verdict(q['flops'] <= TARGETS['flops'], True)} <= {TARGETS['flops']}x), "
+              f"step time {q['time']:.3f}x "
               f"({_verdict(q['time'] <= TARGETS['time'], judged)} <= {TARGETS['time']}x; load "
               f'{min(loads):.1f}-{max(loads):.1f}), CPU time {q["cpu"]:.3f}x.']
   markdown = '\n\n'.join(lines)

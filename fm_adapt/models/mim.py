@@ -18,8 +18,6 @@ p*p*C] the predicted pixels of every patch. Masking is an argument, drawn by the
 
 Without them (init, evaluation) nothing is masked.
 """
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

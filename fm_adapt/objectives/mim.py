@@ -21,9 +21,10 @@ The loss is a mean over the real rows of the batch (`batch['mask']`) and over th
 patches' pixels; every row covers the same number of patches (masks are exact), so it weighs
 rows equally, as the gradient accumulation of the update step assumes.
 
-Config: config.loss = dict(name='simmim', mask=dict(name='random', ratio=0.6)); see
-`DEFAULTS` for every objective's keys and their defaults, `fm_adapt.objectives.masking` for the
-masks.
+Config: config.model_name = 'vit_mim' and config.loss = dict(name='simmim', mask=dict(
+name='random', ratio=0.6)); see `DEFAULTS` for every objective's keys and their defaults,
+`fm_adapt.objectives.masking` for the masks. `fm_adapt.train.model_fns.build_model` gives the
+model the decoder the objective needs (`DECODERS`) and no head.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ class MimObjective(base.Objective):
     'reconstruction' (MAE's normalised patches scaled back with the input's statistics)."""
     task = self.draw(rng, images)
     pred, _ = predict(apply_fn, params, model_state, task, None, None, train=False)
-    p, (b, h, w, c) = self.patch_size, images.shape
+    p, (_, h, w, c) = self.patch_size, images.shape
     if self.name == 'mae' and self.options['norm_pix']:
       raw = mim_targets.patchify(images, p)
       pred = pred * jnp.sqrt(raw.var(-1, keepdims=True) + 1e-6) + raw.mean(-1, keepdims=True)

@@ -1,8 +1,8 @@
 """A model's functions: `apply` and `init` factories, and the adapted, pretrained model of a config.
 
 `make_apply_fn(model)` gives `apply(params, model_state, images, *, train, rng, mask=None,
-**model_kwargs) -> (logits, out, new_model_state)`, the one signature the update step, the evaluators and every
-adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)` gives
+**model_kwargs) -> (logits, out, new_model_state)`, the one signature the update step, the
+evaluators and every adaptation transform (which wrap it) use; `init_variables_fn(model, image_shape)` gives
 `init(rng) -> variables`. `build_model(config, ...)` builds the model of `config.model_name` /
 `config.model` with the compute dtype of `config.dtype` and the rematerialization of
 `config.remat` (`precision_kwargs`), and applies `config.adapt` and `config.model_init` around it.

@@ -84,8 +84,8 @@ def _encoder_input_lengths(model, variables, image, **kwargs):
       lengths.append(args[0].shape[1])
     return next_fun(*args, **kwargs_)
 
-  with nn.intercept_methods(record):
-    model.apply(variables, image, **kwargs)
+  with nn.intercept_methods(record):  # Shapes only: tracing records them.
+    jax.eval_shape(lambda v: model.apply(v, image, **kwargs), variables)
   return lengths
 
 

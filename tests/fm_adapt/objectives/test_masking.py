@@ -144,8 +144,8 @@ def test_mask_fn_prior_masks_the_disc_in_a_batch():
                                    r"'prior'\]"),
     (dict(name='random'), 'needs a ratio'),
     (dict(name='random', ratio=1.5), r'in \(0, 1\)'),
-    (dict(name='random', ratio=0.5, min_patches=4), r"Unknown option\(s\) \['min_patches'\] of "
-                                                    r"the 'random' mask; valid: \['name', 'ratio'\]"),
+    (dict(name='random', ratio=0.5, min_patches=4),
+     r"Unknown option\(s\) \['min_patches'\] of the 'random' mask; valid: \['name', 'ratio'\]"),
     (dict(name='prior', ratio=0.5, prior='atlas'), r"Unknown mask prior 'atlas'; valid: "
                                                    r"\['edge', 'intensity'\]"),
 ])

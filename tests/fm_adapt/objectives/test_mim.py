@@ -1,4 +1,5 @@
-"""Tests of the MIM objectives: what the loss covers, what the model sees, that training lowers it."""
+"""Tests of the MIM objectives: what the loss covers, what the model sees, that training lowers
+it."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,9 @@ def test_reconstruction_loss_ignores_unmasked_patches_and_padding_rows():
   assert loss(changed) != base
 
 
-@pytest.mark.parametrize('name, options', [('simmim', {}), ('mae', dict(norm_pix=False)), ('mae', {}),
-                                           ('simmim', dict(mask=dict(name='block', ratio=0.4)))])
+@pytest.mark.parametrize('name, options', [
+    ('simmim', {}), ('mae', dict(norm_pix=False)), ('mae', {}),
+    ('simmim', dict(mask=dict(name='block', ratio=0.4)))])
 def test_objective_loss_moves_only_with_the_masked_patches_of_the_target(name, options):
   """The model's prediction fixed: changing the images' unmasked patches leaves the loss."""
   objective = _objective(name, **options)
