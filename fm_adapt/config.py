@@ -166,7 +166,8 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> ml_collection
   """Parses 'key1=v1,key2=v2' against defaults given as keyword arguments.
 
   Values are read as Python literals when they parse (`lr=1e-3`, `runlocal=True`), else kept
-  as strings. A bare `key` means `key=True`. Unknown keys fail with the list of valid keys.
+  as strings; a key whose default is a string keeps the text as written (`fractions=0.1` is
+  '0.1', not 0.1). A bare `key` means `key=True`. Unknown keys fail with the list of valid keys.
 
   Args:
     arg: the string after ':' in `--config file.py:arg`, or None.
@@ -182,7 +183,12 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> ml_collection
     key = key.strip()
     if key not in spec and not lazy:
       raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(spec)}")
-    parsed = _literal(value) if value else True
+    if not value:
+      parsed = True
+    elif isinstance(spec.get(key), str):
+      parsed = value
+    else:
+      parsed = _literal(value)
     with out.unlocked():
       out[key] = parsed
   return out

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 
 from fm_adapt.models import efficientnet
+from fm_adapt.models import mim
 from fm_adapt.models import resnet
 from fm_adapt.models import vit
 
@@ -19,6 +20,7 @@ MODELS: dict[str, type[nn.Module]] = {
     'vit': vit.Model,
     'resnet': resnet.Model,
     'efficientnet': efficientnet.Model,
+    'vit_mim': mim.Model,  # A ViT with a pixel decoder for masked image modelling; no head.
 }
 
 # Fields every linen Module has; they are not model configuration.

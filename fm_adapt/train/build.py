@@ -21,7 +21,7 @@ from fm_adapt import config as config_lib
 from fm_adapt.adapt import compose
 from fm_adapt.evaluators import classification as cls_eval
 from fm_adapt.evaluators import check_not_empty, make_evaluators, split_labels
-from fm_adapt.objectives import classification as objectives
+from fm_adapt import objectives
 from fm_adapt.train import mesh as mesh_lib
 from fm_adapt.train import model_fns as model_fns_lib
 from fm_adapt.train import optim, state as state_lib, step as step_lib, writer as writer_lib
@@ -85,7 +85,8 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
   trainable = optim.trainable_mask(variables_shape["params"], schedule)
   params_shape, _, _ = state_lib.split_variables(variables_shape, trainable)
   tx, schedules = optim.make_optimizer(config, params_shape, total_steps, schedule)
-  loss_fn = objectives.get_loss(config.get("loss"), spec.task)
+  loss_fn = objectives.get_objective(config.get("loss"), spec.task,
+                                     patch_size=model_fns.patch_size)
   update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)],
                                    grad_accum_steps=config.get("grad_accum_steps"))
   return TrainFns(model_fns, variables_shape, trainable, tx, update)

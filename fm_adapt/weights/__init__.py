@@ -20,6 +20,7 @@ import pathlib
 from typing import Any, Callable
 
 from fm_adapt.weights import efficientnet_lite
+from fm_adapt.weights import mim_encoder
 from fm_adapt.weights import native
 from fm_adapt.weights import readers
 from fm_adapt.weights import vit_import
@@ -36,6 +37,7 @@ resample_posemb = vit_import.resample_posemb
 LOADERS: dict[str, Callable[..., Any]] = {
     'efficientnet_lite0': efficientnet_lite.load_efficientnet_lite0,
     'fm_adapt': native.load_native,  # fm_adapt's own export: full variables
+    'fm_adapt_mim': mim_encoder.load_mim_encoder,  # a MIM export's encoder into a ViT
     'vit': vit_import.load_vit_checkpoint,  # layout detected from the keys
     'big_vision': functools.partial(vit_import.load_vit_checkpoint, format='big_vision'),
     'timm': functools.partial(vit_import.load_vit_checkpoint, format='timm'),
@@ -74,9 +76,11 @@ def load(name_or_path: str | os.PathLike, path: str | os.PathLike | None = None,
 
 
 def detect_name(path: str | os.PathLike) -> str:
-  """'fm_adapt' for our own exports, 'efficientnet_lite0' for EfficientNet-PyTorch key names,
-  else 'vit'."""
+  """'fm_adapt_mim' for our MIM pretraining exports, 'fm_adapt' for our other exports,
+  'efficientnet_lite0' for EfficientNet-PyTorch key names, else 'vit'."""
   keys = readers.list_keys(path)
+  if mim_encoder.is_mim_export(list(keys)):
+    return 'fm_adapt_mim'
   if native.is_native(list(keys)):
     return 'fm_adapt'
   return 'efficientnet_lite0' if '_conv_stem.weight' in keys else 'vit'

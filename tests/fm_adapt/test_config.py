@@ -112,3 +112,9 @@ def test_label_fraction_defaults_to_the_whole_split_and_takes_valid_values():
     config.input.label_fraction = value
     config_lib.validate(config)
   assert config_lib.check_label_fraction(None) == 1.0
+
+
+def test_parse_arg_keeps_the_text_of_a_string_argument():
+  arg = config_lib.parse_arg("fractions=0.1,seeds=2,name=3e-1", fractions="0.01+1.0", seeds=3,
+                             name="x")
+  assert (arg.fractions, arg.seeds, arg.name) == ("0.1", 2, "3e-1")

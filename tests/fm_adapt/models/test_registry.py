@@ -12,6 +12,7 @@ TINY = {
     'vit': (dict(num_classes=3, variant='mu/4'), (2, 8, 8, 3)),
     'resnet': (dict(num_classes=3, width=4), (2, 8, 8, 3)),
     'efficientnet': (dict(num_classes=3), (2, 32, 32, 3)),
+    'vit_mim': (dict(num_classes=None, variant='mu/4'), (2, 8, 8, 3)),  # No head.
 }
 
 
@@ -19,7 +20,7 @@ def test_registry_contents():
   assert models.MODELS['vit'] is models.vit.Model
   assert models.MODELS['resnet'] is models.resnet.Model
   assert all(issubclass(cls, nn.Module) for cls in models.MODELS.values())
-  assert set(TINY) <= set(models.MODELS)
+  assert set(TINY) == set(models.MODELS)  # Every registered model keeps the contract.
 
 
 def test_get_model_builds_configured_module():
@@ -69,7 +70,8 @@ def test_shared_contract(name):
   model = models.get_model(name, **kwargs)
   image = jax.ShapeDtypeStruct(shape, jnp.float32)
   (logits, out), variables = jax.eval_shape(model.init_with_output, jax.random.key(0), image)
-  assert logits.shape == (shape[0], kwargs['num_classes']) and logits.dtype == jnp.float32
+  width = kwargs['num_classes'] or out['pre_logits'].shape[-1]  # Headless: the features.
+  assert logits.shape == (shape[0], width) and logits.dtype == jnp.float32
   assert {'pre_logits', 'logits'} <= set(out)
   assert out['logits'].shape == logits.shape and out['pre_logits'].ndim == 2
   assert 'params' in variables
