@@ -9,6 +9,7 @@ convert it to.
 A path is local, or a URI such as `gs://bucket/w.safetensors` (read through `etils.epath`, whole
 into memory: those files are not memory-mapped).
 """
+import argparse
 import io
 import os
 import pathlib
@@ -30,6 +31,12 @@ SAFETENSORS_SUFFIXES = ('.safetensors',)
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 PICKLE_SUFFIXES = ('.pkl', '.pickle', '.joblib')
 SUPPORTED_SUFFIXES = NPZ_SUFFIXES + SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+
+# Classes a `.pth` may hold beside tensors, allowed to torch.load(weights_only=True): the MAE and
+# RETFound training code (`util/misc.py` `save_model`) pickles its argparse arguments into every
+# checkpoint it writes, and the released RETFound weights carry them. A Namespace is a plain bag
+# of attributes: rebuilding it runs no code from the file (torch's `safe_globals` mechanism).
+SAFE_GLOBALS = (argparse.Namespace,)
 
 _CONVERT_HINT = (
     'Unpickling a file from elsewhere can run arbitrary code, so fm_adapt never '
@@ -173,7 +180,8 @@ def _read_torch(path: pathlib.Path | epath.Path) -> dict[str, np.ndarray]:
         '(or `pip install "fm_adapt[torch]"`), or convert the file to .safetensors / .npz '
         'on a machine you trust.')
   try:
-    obj = torch.load(_source(path), map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+      obj = torch.load(_source(path), map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise PickleRefusedError(

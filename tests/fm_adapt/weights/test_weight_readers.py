@@ -1,5 +1,6 @@
 """Tests of fm_adapt.weights.readers (no pickle, optional torch) and the LOADERS registry."""
 import argparse
+import fractions
 import pickle
 import sys
 
@@ -67,7 +68,12 @@ def test_pth_state_dicts(tmp_path):
   got = readers.read_arrays(tmp_path / 'wrapped.pth')
   np.testing.assert_array_equal(got['w'], np.arange(6).reshape(2, 3))
   assert got['h'].dtype == ml_dtypes.bfloat16 and got['h'].astype(np.float32).sum() == 3
-  torch.save({'state_dict': sd, 'args': argparse.Namespace(lr=0.1)}, tmp_path / 'objs.pth')
+  # MAE / RETFound checkpoints carry their argparse arguments: allowed, and ignored.
+  torch.save({'model': sd, 'args': argparse.Namespace(lr=0.1, model='vit_large_patch16'),
+              'epoch': 3}, tmp_path / 'retfound.pth')
+  assert sorted(readers.read_arrays(tmp_path / 'retfound.pth')) == ['h', 'w']
+  # Any other object is not: here a Fraction (rebuilt by calling its class).
+  torch.save({'state_dict': sd, 'best': fractions.Fraction(1, 3)}, tmp_path / 'objs.pth')
   with pytest.raises(readers.PickleRefusedError, match=r'weights_only=True said'):
     readers.read_arrays(tmp_path / 'objs.pth')
   torch.save([1, 2], tmp_path / 'list.pth')
@@ -77,7 +83,7 @@ def test_pth_state_dicts(tmp_path):
 
 def test_registry_kinds():
   assert set(weights.LOADERS) == {'efficientnet_lite0', 'vit', 'big_vision', 'timm', 'hf',
-                                  'pth', 'fm_adapt', 'hf_dinov2', 'open_clip', 'hf_clip',
+                                  'pth', 'fm_adapt', 'fm_adapt_mim', 'hf_dinov2', 'open_clip', 'hf_clip',
                                   'retfound'}
 
 
