@@ -6,6 +6,9 @@ names fixed for checkpoint importers and LoRA selectors:
   embedding/{kernel [p,p,C,D], bias}         patch embedding (VALID conv, stride p; no bias
                                              with patch_bias=False, as CLIP)
   cls [1,1,D]                                class token (class_token, default: pool_type='tok')
+  cls_pos_embedding [1,1,D]                  position embedding of the class token, added to cls
+                                             (class_posemb; the class row of timm / DINOv2 /
+                                             MAE / CLIP checkpoints)
   registers [1,R,D]                          register tokens (num_registers=R > 0, DINOv2-reg)
   pos_embedding [1,N,D]                      learned position embedding of the N patches
   ln_pre/{scale,bias}                        LayerNorm before the encoder (pre_norm, CLIP ln_pre)
@@ -36,11 +39,15 @@ Module paths (also calls that adaptation transforms may intercept from outside, 
 Conventions worth knowing:
   * Token layout is [cls?, registers..., patches...]; code that wants the patches takes the
     *last* N tokens. Registers are never pooled ('gap' averages the patches, 'tok' takes cls).
-  * The position embedding covers only the patch tokens; the class token and the registers get
-    none (as in big_vision). timm / DINOv2 / CLIP add a position row to the class token too;
-    since that row is a constant added to a learned constant, an importer folds it in exactly:
-    `cls = cls + pos_embed[:, :1]`, `pos_embedding = pos_embed[:, 1:]`. Hence a 'tok' model
-    here has D fewer parameters than the timm count (e.g. ViT-B/16: 86,566,888 vs 86,567,656).
+  * `pos_embedding` covers only the patch tokens; registers get no position embedding (DINOv2
+    adds its position rows before it inserts the registers). timm / DINOv2 / MAE / CLIP give
+    the class token a position row too (row 0 of their `pos_embed`). With `class_posemb=True`
+    the model keeps that row as its own parameter `cls_pos_embedding`, added to `cls`, so its
+    parameters are the reference's one for one; like every family, it never resizes the class
+    row (only the patch grid is interpolated). With the default `class_posemb=False` (as in
+    big_vision) there is no such parameter and an importer folds the row into the class token
+    exactly (a constant added to a learned constant): `cls = cls + pos_embed[:, :1]`, D
+    parameters fewer than the reference (e.g. ViT-B/16: 86,566,888 vs timm's 86,567,656).
   * With `posemb_grid` set, `pos_embedding` keeps that grid (the pretraining resolution, e.g.
     37x37 for DINOv2 at 518 px) and is resized to the image's grid in every forward pass with
     the family's own method (`posemb_resize`: DINOv2's offset bicubic, timm's antialiased
@@ -342,7 +349,8 @@ class Model(nn.Module):
   configure the foundation-model families (`fm_adapt.weights.zoo` sets them per model):
   DINOv2 (layerscale, num_registers, patch 14, posemb_grid with posemb_resize='dinov2'),
   MAE / RETFound (pool_type='gap', class_token=True, fc_norm=True), CLIP towers (pre_norm,
-  patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5, proj_dim).
+  patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5, proj_dim); class_posemb for the
+  families whose checkpoints give the class token a position row.
 
   Attributes:
     num_classes: size of the head; None or 0 gives no head (logits = pre_logits).
@@ -354,6 +362,9 @@ class Model(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     remat: rematerialize each encoder block (nn.remat) to save activation memory.
     class_token: whether there is a class token `cls`; None: exactly when pool_type == 'tok'.
+    class_posemb: give the class token its own position embedding `cls_pos_embedding` [1,1,D]
+      (added to `cls`, never resized), as timm / DINOv2 / MAE / CLIP have it; needs a class
+      token. False: none (big_vision; an importer folds a checkpoint's class row into `cls`).
     num_registers: register tokens after the class token (DINOv2 with registers).
     layerscale: initial LayerScale value (DINOv2: 1e-5; open_clip ls_init_value), or None.
     pre_norm: LayerNorm `ln_pre` on all tokens before the encoder (CLIP).
@@ -378,6 +389,7 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   class_token: bool | None = None
+  class_posemb: bool = False
   num_registers: int = 0
   layerscale: float | None = None
   pre_norm: bool = False
@@ -403,6 +415,10 @@ class Model(nn.Module):
     if self.pool_type == 'tok' and not self.has_class_token:
       raise ValueError("pool_type='tok' pools the class token, but class_token=False; use "
                        "pool_type='gap' or class_token=True.")
+    if self.class_posemb and not self.has_class_token:
+      raise ValueError("class_posemb=True is the position embedding of the class token, but "
+                       "the model has none (class_token=False, or pool_type='gap' without "
+                       "class_token=True); set class_token=True or class_posemb=False.")
     if self.mlp_act not in MLP_ACTIVATIONS:
       raise ValueError(f'Unknown mlp_act {self.mlp_act!r}; valid: {list(MLP_ACTIVATIONS)}.')
     if self.posemb_resize not in posemb_resize.METHODS:
@@ -437,10 +453,14 @@ class Model(nn.Module):
     return posemb_resize.resize(pos, stored, grid, self.posemb_resize)
 
   def _prefix_tokens(self, batch: int, width: int) -> list[Array]:
-    """[cls?, registers?] each broadcast to [B, ., D] (float32 parameters)."""
+    """[cls (+ cls_pos_embedding)?, registers?] each broadcast to [B, ., D] (float32)."""
     tokens = []
     if self.has_class_token:
-      tokens.append(self.param('cls', nn.initializers.zeros, (1, 1, width), jnp.float32))
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, width), jnp.float32)
+      if self.class_posemb:
+        cls = cls + self.param('cls_pos_embedding', nn.initializers.normal(stddev=0.02),
+                               (1, 1, width), jnp.float32)
+      tokens.append(cls)
     if self.num_registers:
       tokens.append(self.param('registers', nn.initializers.normal(stddev=0.02),
                                (1, self.num_registers, width), jnp.float32))

@@ -1,7 +1,8 @@
 """The foundation-model options of fm_adapt.models.vit (LayerScale, registers, ln_pre, QuickGELU,
-fc_norm, projection, bias-free patch embedding, a stored position grid) against an independent
-numpy forward, their parameter trees, and their configuration errors. The reference libraries'
+fc_norm, projection, bias-free patch embedding, a stored position grid, the class token's own
+position embedding) against an independent numpy forward, their parameter trees, and their configuration errors. The reference libraries'
 own models are the oracle in tests/fm_adapt/weights/test_fm_oracles.py."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +63,8 @@ def _np_vit(params, image, patch, *, pool, eps, act, fc_norm, registers):
   x = x.reshape(b, -1, patch * patch * c) @ p['embedding']['kernel'].reshape(-1, WIDTH)
   x = x + p['embedding'].get('bias', 0.) + p['pos_embedding']
   n = x.shape[1]
-  prefix = [p[k] for k in ('cls', 'registers') if k in p]
+  prefix = [p['cls'] + p.get('cls_pos_embedding', 0.)] if 'cls' in p else []
+  prefix += [p['registers']] if 'registers' in p else []
   x = np.concatenate([np.broadcast_to(t, (b, t.shape[1], WIDTH)) for t in prefix] + [x], 1)
   assert x.shape[1] == n + ('cls' in p) + registers
   if 'ln_pre' in p:
@@ -81,9 +83,10 @@ def _np_vit(params, image, patch, *, pool, eps, act, fc_norm, registers):
 
 FAMILIES = {
     'dinov2_reg': dict(layerscale=1e-5, num_registers=3),
-    'mae': dict(pool_type='gap', class_token=True, fc_norm=True),
+    'mae': dict(pool_type='gap', class_token=True, class_posemb=True, fc_norm=True),
     'clip': dict(pre_norm=True, patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5,
-                 proj_dim=8),
+                 proj_dim=8, class_posemb=True),
+    'dinov2': dict(layerscale=1e-5, class_posemb=True),
     'gap_registers_no_cls': dict(pool_type='gap', num_registers=2, layerscale=0.1),
 }
 
@@ -108,12 +111,14 @@ def test_family_param_trees():
   shapes = _flat_shapes(_abstract_params(vit.Model(None, 'mu/7', **FAMILIES['dinov2_reg']),
                                          (1, 14, 14, 3)))
   assert shapes['registers'] == (1, 3, WIDTH) and shapes['cls'] == (1, 1, WIDTH)
+  assert 'cls_pos_embedding' not in shapes  # class_posemb defaults to False.
   assert shapes['encoder/block_1/ls_attn/scale'] == shapes['encoder/block_1/ls_mlp/scale'] == (
       WIDTH,)
   shapes = _flat_shapes(_abstract_params(vit.Model(None, 'mu/7', **FAMILIES['mae']),
                                          (1, 14, 14, 3)))
   assert 'cls' in shapes and 'fc_norm/scale' in shapes and 'encoder/norm/scale' not in shapes
-  assert not any('ls_' in k for k in shapes)
+  assert shapes['cls_pos_embedding'] == (1, 1, WIDTH)
+  assert not any('/ls_' in k for k in shapes)
   shapes = _flat_shapes(_abstract_params(vit.Model(None, 'mu/7', **FAMILIES['clip']),
                                          (1, 14, 14, 3)))
   assert shapes['proj/kernel'] == (WIDTH, 8) and 'ln_pre/scale' in shapes
@@ -140,6 +145,32 @@ def test_stored_grid_is_resized_to_the_image_grid(method):
                              atol=1e-6)  # Equal grids: no resize.
 
 
+def _encoder_input(model, params, image):
+  """The tokens entering the encoder (after the prefix tokens are put in front)."""
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and context.module.path == ('encoder',):
+      seen['x'] = np.asarray(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    model.apply({'params': params}, image)
+  return seen['x']
+
+
+@pytest.mark.parametrize('method', ['dinov2', 'bicubic', 'bicubic_antialias'])
+def test_class_position_row_is_added_to_the_class_token_and_never_resized(method):
+  model = vit.Model(None, 'mu/7', posemb_grid=4, posemb_resize=method, class_posemb=True,
+                    num_registers=2)
+  params = _random_params(model, (1, 28, 28, 3))
+  cls = params['cls'][0, 0] + params['cls_pos_embedding'][0, 0]
+  for size in ((28, 28), (14, 21)):  # The stored 4x4 grid, and 2x3 (resized patch rows).
+    x = _encoder_input(model, params, np.ones((1, *size, 3), np.float32))
+    np.testing.assert_allclose(x[0, 0], cls, atol=1e-6)
+    np.testing.assert_array_equal(x[0, 1:3], params['registers'][0])  # No position rows.
+
+
 def test_dinov2_offset_differs_from_plain_bicubic():
   pos = np.random.default_rng(0).normal(size=(1, 37 * 37, 4)).astype(np.float32)
   plain = posemb_resize.resize(pos, (37, 37), (16, 16), 'bicubic')
@@ -153,6 +184,8 @@ def test_dinov2_offset_differs_from_plain_bicubic():
     (dict(posemb_grid=4, posemb_resize='nearest'), "'bicubic', 'bicubic_antialias'"),
     (dict(num_registers=-1), 'num_registers must be >= 0'),
     (dict(posemb_grid=4, posemb='sincos2d'), "needs posemb='learn'"),
+    (dict(pool_type='gap', class_posemb=True), 'class_posemb=True is the position embedding '
+     'of the class token, but the model has none'),
 ])
 def test_config_errors(kw, match):
   with pytest.raises(ValueError, match=match):
