@@ -15,8 +15,14 @@ saved. If one seed diverges, the whole group stops with `NonFiniteError` naming 
 workdir and step, and nothing of that step is saved for any seed (as a study stops at a run that
 diverges); a resume meets the same step again, so change the config.
 
+Costs (`costs.RunCosts`) are measured once for the group: each seed's `results.json` holds its
+share, `step_time_s` and `wall_time_s` divided by K (comparable with a run trained alone), the
+group's peak memory, and `stacked`: the seeds, the group directory and the group's own step and
+wall times.
+
 A seed workdir that holds checkpoints of a run trained alone is refused (`StackError`): finish
-it alone, or start it afresh. A group that stopped while writing the seeds' `results.json`
+it alone, or start it afresh; so is a cached linear probe (`config.probe` other than
+'end_to_end'), which trains apart. A group that stopped while writing the seeds' `results.json`
 (some written, some not) is resumed by calling it with all of its seeds again.
 """
 from __future__ import annotations
@@ -36,6 +42,7 @@ import tqdm
 from fm_adapt import config as config_lib
 from fm_adapt.train import build
 from fm_adapt.train import checkpoint as ckpt_lib
+from fm_adapt.train import costs as costs_lib
 from fm_adapt.train import files
 from fm_adapt.train import finite
 from fm_adapt.train import interrupt
@@ -81,7 +88,7 @@ def check_stackable(configs: Sequence[ml_collections.ConfigDict],
 
   Raises:
     StackError: no runs, a config that differs from the first beyond `seed` (naming the keys),
-      repeated seeds or workdirs.
+      repeated seeds or workdirs, a cached linear probe.
   """
   if not configs or len(configs) != len(workdirs):
     raise StackError(f"Stacking needs one workdir per config; got {len(configs)} configs and "
@@ -92,6 +99,10 @@ def check_stackable(configs: Sequence[ml_collections.ConfigDict],
   paths = [os.fspath(files.as_path(w)) for w in workdirs]
   if len(set(paths)) != len(paths):
     raise StackError(f"The stacked runs repeat a workdir: {paths}.")
+  probe = config_lib.check_probe(configs[0].get("probe"))
+  if probe != "end_to_end":
+    raise StackError(f"config.probe={probe!r} (a head trained on cached features) trains each "
+                     "seed apart: run it without --stack_seeds.")
   for config, path in zip(configs[1:], paths[1:]):
     training, harmless, defaulted = workdir_lib.config_differences(configs[0], config)
     other = [l for l in training + harmless + defaulted if not l.startswith("seed:")]
@@ -108,13 +119,19 @@ def _group_config(config: ml_collections.ConfigDict, seeds: list[int]
   return ml_collections.ConfigDict(dict(config.to_dict(), seed=list(seeds)))
 
 
+def trained_alone(workdir: epath.PathLike) -> bool:
+  """Whether a workdir holds training checkpoints of its own (a run started alone), which a
+  group does not resume: such a run is finished alone."""
+  ckpt = files.as_path(workdir) / "ckpt"
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
 def _check_no_single_progress(workdirs: Sequence[epath.Path]) -> None:
   for workdir in workdirs:
-    ckpt = workdir / "ckpt"
-    if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
+    if trained_alone(workdir):
       raise StackError(
-          f"{workdir} holds checkpoints of a run trained alone ({ckpt}): finish it alone "
-          "(without --stack_seeds), or delete the workdir to train it with its group.")
+          f"{workdir} holds checkpoints of a run trained alone ({workdir / 'ckpt'}): finish it "
+          "alone (without --stack_seeds), or delete the workdir to train it with its group.")
 
 
 def _check_same_schedule(group: _Group) -> None:
@@ -178,6 +195,7 @@ def _train_group(configs: list[ml_collections.ConfigDict], paths: list[epath.Pat
                  group_path: epath.Path, seeds: list[int], data_dir: str | None
                  ) -> list[dict[str, Any]]:
   runs = [build.build_run(c, data_dir or c.get("data_dir")) for c in configs]
+  costs = costs_lib.RunCosts()
   best_metric = configs[0].get("best_metric", "val/auc")
   for run in runs:
     loop._check_best_metric(best_metric, run)  # pylint: disable=protected-access
@@ -189,21 +207,36 @@ def _train_group(configs: list[ml_collections.ConfigDict], paths: list[epath.Pat
     _check_same_schedule(group)
     iterator = stacked.StackedIterator([iter(r.train_loader) for r in runs], seeds)
     state, start = _restore_or_init(group, iterator)
+    costs.resumed_from_step = start
     mesh = runs[0].mesh
     update = stacked.jit_stacked_update(runs[0].update_fn, state, group.axes, mesh)
     rngs = jax.device_put(stacked.vmap_exact_keys([r.rng for r in runs]),
                           mesh_lib.replicated(mesh))
     group.writers = [writer_lib.MetricWriter(p, resume_step=start) for p in paths]
-    state = _train(group, update, rngs, state, iterator, start)
-    return [loop._final_results(  # pylint: disable=protected-access
+    state = _train(group, update, rngs, state, iterator, start, costs.step_timer)
+    results = [loop._final_results(  # pylint: disable=protected-access
         config, run, ckpt, path, stacked.unstack_state(state, group.axes, k))
-            for k, (config, run, ckpt, path) in enumerate(zip(configs, runs, group.ckpts, paths))]
+               for k, (config, run, ckpt, path) in enumerate(zip(configs, runs, group.ckpts,
+                                                                 paths))]
+    shares = _seed_costs(costs.fields(), group)
+    return [dict(result, **shares) for result in results]
   finally:
     for ckpt in [group.ckpt, *group.ckpts]:
       ckpt.wait()
       ckpt.close()
     for writer in group.writers:
       writer.close()
+
+
+def _seed_costs(fields: Mapping[str, Any], group: _Group) -> dict[str, Any]:
+  """Each seed's share of the group's costs: times divided by K; the group's own beside."""
+  count = len(group.seeds)
+  share = lambda value: None if value is None else value / count
+  return dict(fields, step_time_s=share(fields["step_time_s"]),
+              wall_time_s=share(fields["wall_time_s"]),
+              stacked={"seeds": group.seeds, "group_dir": os.fspath(group.ckpt.directory.parent),
+                       "group_step_time_s": fields["step_time_s"],
+                       "group_wall_time_s": fields["wall_time_s"]})
 
 
 def _restore_or_init(group: _Group, iterator: stacked.StackedIterator
@@ -235,14 +268,15 @@ def _restore_or_init(group: _Group, iterator: stacked.StackedIterator
   return dict(restored, frozen=state["frozen"]), int(step)
 
 
-def _train(group: _Group, update, rngs, state, iterator, start: int) -> dict[str, Any]:
+def _train(group: _Group, update, rngs, state, iterator, start: int,
+           step_timer: costs_lib.StepTimer) -> dict[str, Any]:
   """Trains steps `start + 1 .. total` of every seed; returns the final stacked state."""
   config, run = group.configs[0], group.runs[0]
   bar = tqdm.tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not config.get("progress", True) or jax.process_index() != 0)
   with interrupt.StopOnSignal() as stop:
     try:
-      return _train_steps(group, update, rngs, state, iterator, start, bar, stop)
+      return _train_steps(group, update, rngs, state, iterator, start, bar, stop, step_timer)
     finally:
       for writer in group.writers:
         writer.flush()
@@ -283,9 +317,11 @@ def _check_finite(group: _Group, step: int, measurements: Mapping[str, Any]) -> 
 
 
 def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
-                 stop: interrupt.StopOnSignal) -> dict[str, Any]:
+                 stop: interrupt.StopOnSignal, step_timer: costs_lib.StepTimer
+                 ) -> dict[str, Any]:
   """`loop._train_steps` for the stacked state: steps, checks every seed, logs and evaluates
-  each seed in its workdir, saves the group checkpoint; a stop request saves and raises."""
+  each seed in its workdir, saves the group checkpoint; a stop request saves and raises. Steps
+  are timed as there (`step_timer`), a step being one step of every seed."""
   config, run = group.configs[0], group.runs[0]
   total = run.total_steps
   log_every = config.get("log_every", 50) or 50
@@ -300,6 +336,7 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
     state, measurements = update(state, rngs, batch)
     if previous is not None:
       _check_finite(group, *previous)
+      step_timer.done(previous[0])
     previous = (step, measurements)
     bar.update(1)
     stopping = stop.requested(step) and step < total
@@ -308,6 +345,7 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
     save = step % ckpt_every == 0 or step == total
     if stopping or log or evaluate or save:
       _check_finite(group, step, measurements)
+      step_timer.done(step)
     if log or stopping:
       for k, values in enumerate(_seed_measurements(measurements)):
         timers[k] = loop._log_train(  # pylint: disable=protected-access
@@ -323,4 +361,6 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
             group.writers[k], bars[k])
     if save:
       group.ckpt.save(step, state_lib.checkpointed(state), group.data_state(), iterator)
+    if evaluate or save:
+      step_timer.pause()  # The next step's interval holds the evaluation or the save.
   return state

@@ -86,7 +86,12 @@ def test_each_seed_equals_its_run_alone(tmp_path, tiny_config, model):
       _assert_close(got_export[key], want_export[key], key)
     got_results = json.loads((together[k] / "results.json").read_text())
     assert got_results == json.loads(json.dumps(results[k]))
-    assert _drop_paths(got_results, together[k]) == _drop_paths(want_results, workdir)
+    assert set(got_results) == set(want_results) | {"stacked"}
+    assert _comparable(got_results, together[k]) == _comparable(want_results, workdir)
+    stacked_record = got_results["stacked"]
+    assert stacked_record["seeds"] == list(SEEDS) and stacked_record["group_dir"] == str(group)
+    assert got_results["step_time_s"] == pytest.approx(
+        stacked_record["group_step_time_s"] / len(SEEDS))
     for name, value in want_results["metrics"].items():
       assert got_results["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert (json.loads((together[k] / "config.json").read_text()) ==
@@ -107,10 +112,14 @@ def _assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=max(1e-5 * scale, 1e-9), err_msg=name)
 
 
-def _drop_paths(results: dict, workdir: pathlib.Path) -> dict:
-  """results.json without the metrics (compared within rounding) and with the workdir's own
-  path made relative."""
-  out = {k: v for k, v in results.items() if k != "metrics"}
+# Costs measured by the clock and the allocator: they differ between any two runs.
+MEASURED = ("step_time_s", "wall_time_s", "peak_memory_bytes", "peak_memory_upper_bound")
+
+
+def _comparable(results: dict, workdir: pathlib.Path) -> dict:
+  """results.json without the metrics (compared within rounding), the measured costs and the
+  stacked group's record, with the workdir's own path made relative."""
+  out = {k: v for k, v in results.items() if k not in ("metrics", "stacked", *MEASURED)}
   out["export"] = str(pathlib.Path(out["export"]).relative_to(workdir))
   return out
 
@@ -193,6 +202,9 @@ def test_runs_that_differ_beyond_the_seed_are_refused(tmp_path, tiny_config):
   configs = _configs(tiny_config, "vit")
   configs[1].seed = configs[0].seed
   with pytest.raises(stacked_loop.StackError, match="repeat a seed"):
+    stacked_loop.train_and_evaluate_stacked(configs, [tmp_path / "a", tmp_path / "b"])
+  configs = _configs(tiny_config, "vit", probe="cached")
+  with pytest.raises(stacked_loop.StackError, match="config.probe='cached'"):
     stacked_loop.train_and_evaluate_stacked(configs, [tmp_path / "a", tmp_path / "b"])
   assert not (tmp_path / "a").exists()  # Refused before anything is written.
 
