@@ -1,9 +1,10 @@
 """Name and layout rules of the foundation-model checkpoints outside timm's ViT layout.
 
 Each converter takes a checkpoint's flat {key: array} dict and returns a
-`vit_formats.Converted` in fm_adapt's ViT names (see `fm_adapt.models.vit`). timm's own
-layout (DINOv2 / DINOv2-reg / MAE / RETFound / UNI as timm or facebookresearch/dinov2 save
-them) is `vit_formats.from_timm`.
+`vit_formats.Converted` in fm_adapt's ViT names (see `fm_adapt.models.vit`); the class
+token's position row becomes `cls_pos_embedding` (class_posemb=True) or is folded into `cls`,
+as in `vit_formats`. timm's own layout (DINOv2 / DINOv2-reg / MAE / RETFound / UNI as timm or
+facebookresearch/dinov2 save them) is `vit_formats.from_timm`.
 
   hf_dinov2  transformers' `Dinov2Model` / `Dinov2WithRegistersModel` (RAD-DINO), keys with or
              without the 'dinov2.' prefix: LayerScale 'layer_scale{1,2}.lambda1', registers
@@ -111,16 +112,18 @@ _HF_CLIP_IGNORE = [
 
 
 def from_hf_dinov2(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-                   num_patches: int | None = None) -> vf.Converted:
+                   num_patches: int | None = None, class_posemb: bool = False
+                   ) -> vf.Converted:
   """Converts a transformers Dinov2Model / Dinov2WithRegistersModel state dict."""
   del num_heads
   out = vf._convert_by_rules(arrays, _HF_DINOV2_RULES, _HF_DINOV2_IGNORE)  # pylint: disable=protected-access
-  vf.fold_cls_posemb(out, num_patches)
+  vf.fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 
 def from_open_clip(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-                   num_patches: int | None = None) -> vf.Converted:
+                   num_patches: int | None = None, class_posemb: bool = False
+                   ) -> vf.Converted:
   """Converts an open_clip image tower (alone, or the 'visual.' part of a whole CLIP)."""
   del num_heads
   ignored = {}
@@ -134,7 +137,7 @@ def from_open_clip(arrays: dict[str, np.ndarray], *, num_heads: int | None = Non
   else:
     out = vf._convert_by_rules(arrays, _OPEN_CLIP_RULES)  # pylint: disable=protected-access
   out.ignored.update(ignored)
-  vf.fold_cls_posemb(out, num_patches)
+  vf.fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 
@@ -143,21 +146,23 @@ MAE_FINAL_NORM = ("the MAE encoder's final norm; RETFound's global-pool model re
 
 
 def from_retfound(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-                  num_patches: int | None = None) -> vf.Converted:
+                  num_patches: int | None = None, class_posemb: bool = False
+                  ) -> vf.Converted:
   """timm / MAE keys for a global-pool + fc_norm model; the final 'norm' is ignored."""
   del num_heads
   ignore = [(re.compile(r'norm\.(weight|bias)'), MAE_FINAL_NORM)] + vf._TIMM_IGNORE  # pylint: disable=protected-access
   out = vf._convert_by_rules(arrays, vf._TIMM_RULES, ignore)  # pylint: disable=protected-access
-  vf.fold_cls_posemb(out, num_patches)
+  vf.fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 
 def from_hf_clip(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-                 num_patches: int | None = None) -> vf.Converted:
+                 num_patches: int | None = None, class_posemb: bool = False
+                 ) -> vf.Converted:
   """Converts a transformers CLIPVisionModel(WithProjection) / CLIPModel state dict."""
   del num_heads
   out = vf._convert_by_rules(arrays, _HF_CLIP_RULES, _HF_CLIP_IGNORE)  # pylint: disable=protected-access
-  vf.fold_cls_posemb(out, num_patches)
+  vf.fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 

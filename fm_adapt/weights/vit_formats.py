@@ -20,9 +20,12 @@ Layouts handled:
   hf          state dict of transformers' ViTModel / ViTForImageClassification
               (keys with or without the 'vit.' prefix).
 
-Our model gives the class token and the registers no position embedding; a checkpoint
-that has rows for them ([1, 1+N, D] or [1, 1+R+N, D]) is folded exactly:
-cls = cls + pos[:, :1], registers = registers + pos[:, 1:1+R], pos_embedding = the rest.
+A checkpoint's position embedding may start with rows of the prefix tokens ([1, 1+N, D] or
+[1, 1+R+N, D]); `pos_embedding` gets the N patch rows. The class row becomes
+`cls_pos_embedding` when the target model has one (`vit.Model(class_posemb=True)`, converters
+called with class_posemb=True), else it is folded into the class token exactly
+(cls = cls + pos[:, :1]); register rows are always folded (registers = registers +
+pos[:, 1:1+R]): our model gives registers no position embedding.
 
 Keys a layout knows to be no part of the image encoder (a CLIP text tower, an MAE decoder,
 a masked-modelling token) are `ignored` with the reason, and reported, never silently dropped.
@@ -35,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 CLS = 'cls'
+CLS_POSEMB = 'cls_pos_embedding'
 REGISTERS = 'registers'
 POSEMB = 'pos_embedding'
 
@@ -109,8 +113,10 @@ def _fold_into(out: Converted, path: str, rows: np.ndarray, what: str) -> None:
   out.sources[path] += f' + {what} of {out.sources[POSEMB]}'
 
 
-def fold_cls_posemb(out: Converted, num_patches: int | None) -> None:
-  """Folds class-token (and register) position rows into `cls` (`registers`); exact."""
+def fold_cls_posemb(out: Converted, num_patches: int | None, class_posemb: bool = False
+                    ) -> None:
+  """Takes the prefix rows off the position embedding: the class row into `cls_pos_embedding`
+  (class_posemb=True) or folded into `cls`, register rows folded into `registers`; exact."""
   if POSEMB not in out.params:
     return
   pos = out.params[POSEMB]
@@ -124,7 +130,10 @@ def fold_cls_posemb(out: Converted, num_patches: int | None) -> None:
     raise ValueError(
         f'The position embedding {out.sources[POSEMB]} has a class-token row but the '
         'checkpoint has no class token to fold it into.')
-  _fold_into(out, CLS, pos[:, :1], 'row 0')
+  if class_posemb:
+    out.put(CLS_POSEMB, pos[:, :1], f'row 0 of {out.sources[POSEMB]}')
+  else:
+    _fold_into(out, CLS, pos[:, :1], 'row 0')
   if prefix > 1:
     _fold_into(out, REGISTERS, pos[:, 1:prefix], f'rows 1:{prefix}')
   out.params[POSEMB] = pos[:, prefix:]
@@ -303,29 +312,36 @@ def _strip_params_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def from_big_vision(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-                    num_patches: int | None = None) -> Converted:
-  """Converts a big_vision / vision_transformer .npz (see module docstring)."""
+                    num_patches: int | None = None, class_posemb: bool = False) -> Converted:
+  """Converts a big_vision / vision_transformer .npz (see module docstring).
+
+  Args (of every converter):
+    arrays: the checkpoint's flat {key: array}.
+    num_heads: the expected number of heads (checked where the layout stores heads).
+    num_patches: patch tokens of the target's position embedding, if known.
+    class_posemb: the target keeps the class row as `cls_pos_embedding` (else it is folded).
+  """
   arrays = _unscan(_strip_params_prefix(arrays))
   out = _convert_by_rules(arrays, _bv_rules(num_heads))
-  fold_cls_posemb(out, num_patches)
+  fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 
 def from_timm(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-              num_patches: int | None = None) -> Converted:
+              num_patches: int | None = None, class_posemb: bool = False) -> Converted:
   """Converts a timm VisionTransformer state dict (num_heads is not needed)."""
   del num_heads
   out = _convert_by_rules(arrays, _TIMM_RULES, _TIMM_IGNORE)
-  fold_cls_posemb(out, num_patches)
+  fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 
 def from_hf(arrays: dict[str, np.ndarray], *, num_heads: int | None = None,
-            num_patches: int | None = None) -> Converted:
+            num_patches: int | None = None, class_posemb: bool = False) -> Converted:
   """Converts a Hugging Face ViTModel / ViTForImageClassification state dict."""
   del num_heads
   out = _convert_by_rules(arrays, _HF_RULES)
-  fold_cls_posemb(out, num_patches)
+  fold_cls_posemb(out, num_patches, class_posemb)
   return out
 
 

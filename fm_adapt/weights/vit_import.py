@@ -4,7 +4,9 @@
                                  dont_load=['head/.*'])
 
 reads the file (never unpickling), converts names and layouts (`vit_formats`,
-`fm_layouts`), resamples the position embedding to the target's patch grid, takes the
+`fm_layouts`; a class-token position row goes to `cls_pos_embedding` when the target has
+one, else it is folded into `cls`), resamples the patch position embedding to the target's
+patch grid (never the class row), takes the
 parameters matched by `dont_load` from `target_params`, and checks the result
 strictly against `target_params`: any missing or unexpected parameter and any
 shape difference is reported in one error naming the paths, the checkpoint keys
@@ -95,7 +97,8 @@ def import_vit(path: readers.PathLike, *,
   layout = _layout(path, format, list(arrays))
   target = _flatten_target(target_params)
   num_patches = target[vit_formats.POSEMB].shape[1] if vit_formats.POSEMB in target else None
-  converted = CONVERTERS[layout](arrays, num_heads=num_heads, num_patches=num_patches)
+  converted = CONVERTERS[layout](arrays, num_heads=num_heads, num_patches=num_patches,
+                                 class_posemb=vit_formats.CLS_POSEMB in target)
   if not converted.params:
     raise ValueError(f'{path}: no key of a {layout} ViT checkpoint found; first keys: '
                      f'{list(arrays)[:8]}. Pick another `format`.')
@@ -269,13 +272,18 @@ def _fill_target(target: dict[str, Any], params: dict[str, np.ndarray],
       result[p], problem = _fit(p, params[p], init, sources[p])
       problems += [problem] if problem else []
     else:
-      problems.append(f'missing: {p} {tuple(init.shape)} is not in the checkpoint')
+      problems.append(f'missing: {p} {tuple(init.shape)} is not in the checkpoint'
+                      + (_NO_CLASS_ROW if p == vit_formats.CLS_POSEMB else ''))
       if not strict:
         result[p] = _target_value(p, init)
         report.kept_init.append(p)
   problems += [f'unexpected: {p} from {sources[p]} (not in the model)'
                for p in sorted(set(params) - set(target))]
   return result, problems
+
+
+_NO_CLASS_ROW = (" (the checkpoint's position embedding has no class-token row: build the "
+                 'model with class_posemb=False)')
 
 
 def _target_value(path: str, init: Any) -> Any:

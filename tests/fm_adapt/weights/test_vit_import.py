@@ -20,8 +20,13 @@ from fm_adapt.weights import vit_import
 VARIANT, NUM_HEADS, NUM_CLASSES, IMAGE = 'mu/4', 2, 5, 32  # 8x8 grid, D=32, 2 blocks
 
 
-def _model(num_classes: int = NUM_CLASSES) -> vit.Model:
-  return vit.Model(num_classes=num_classes, variant=VARIANT)
+def _model(num_classes: int = NUM_CLASSES, **kw) -> vit.Model:
+  return vit.Model(num_classes=num_classes, variant=VARIANT, **kw)
+
+
+def _abstract(image_size: int = IMAGE, **kw) -> dict:
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(_model(**kw).init, jax.random.key(0), image)['params']
 
 
 def _init(image_size: int = IMAGE, num_classes: int = NUM_CLASSES, seed: int = 1) -> dict:
@@ -144,13 +149,19 @@ def _timm_forward(sd: dict, images: np.ndarray, num_heads: int) -> np.ndarray:
   return linear(x[:, 0], 'head')
 
 
-def test_forward_matches_numpy_timm_reference(tmp_path, params, cls_row, vit_writers):
-  """fm_adapt's ViT on imported timm weights == numpy timm forward, within 1e-4."""
+@pytest.mark.parametrize('class_posemb', [False, True])
+def test_forward_matches_numpy_timm_reference(tmp_path, params, cls_row, vit_writers,
+                                              class_posemb):
+  """fm_adapt's ViT on imported timm weights == numpy timm forward, within 1e-4: the class
+  row folded into cls (default) or kept as cls_pos_embedding."""
   sd = vit_writers.to_timm(params, cls_row)
   path = _write(tmp_path, 'm.safetensors', sd)
-  loaded = vit_import.load_vit_checkpoint(path, target_params=params)
+  model = _model(class_posemb=class_posemb)
+  loaded = vit_import.load_vit_checkpoint(path, target_params=_abstract(
+      class_posemb=class_posemb))
+  assert ('cls_pos_embedding' in loaded) == class_posemb
   images = np.random.default_rng(3).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
-  logits, _ = jax.jit(_model().apply)({'params': loaded}, images)
+  logits, _ = jax.jit(model.apply)({'params': loaded}, images)
   expected = _timm_forward(sd, images.astype(np.float64), NUM_HEADS)
   assert np.abs(expected).max() > 0.1  # a non-trivial output
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=1e-4)
@@ -193,6 +204,35 @@ def test_load_resamples_to_target_grid(tmp_path, params, cls_row, vit_writers):
                                 params['encoder']['block_1']['mlp']['fc2']['kernel'])
   logits, _ = jax.jit(_model().apply)({'params': loaded}, jnp.zeros((1, 48, 48, 3)))
   assert logits.shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize('layout', ['timm', 'hf', 'vision_transformer'])
+def test_class_row_becomes_cls_pos_embedding_and_is_never_resampled(
+    tmp_path, params, cls_row, vit_writers, layout):
+  """Into a class_posemb model the class row is its own parameter, bitwise, at the file's grid
+  and at another one (where only the patch rows are resampled)."""
+  form, name, arrays = _layouts(vit_writers, params, cls_row)[layout]
+  path = _write(tmp_path, name, arrays)
+  cls_token = params['cls'] - cls_row  # As the writers store it.
+  for image_size, grid in ((IMAGE, 8), (48, 12)):
+    loaded, report = vit_import.import_vit(
+        path, format=form, target_params=_abstract(image_size, class_posemb=True))
+    np.testing.assert_array_equal(loaded['cls_pos_embedding'], cls_row)
+    np.testing.assert_array_equal(loaded['cls'], cls_token)
+    np.testing.assert_allclose(loaded['pos_embedding'], vit_import.resample_posemb(
+        params['pos_embedding'], grid), atol=1e-6)
+    assert 'row 0 of' in report.loaded['cls_pos_embedding']
+    assert ' + ' not in report.loaded['cls']  # Nothing folded into it.
+
+
+def test_class_posemb_model_needs_a_class_row(tmp_path, params, vit_writers):
+  """A file whose position embedding has only the patch rows (big_vision) does not fit."""
+  path = _write(tmp_path, 'm.npz', vit_writers.to_big_vision(params, NUM_HEADS))
+  with pytest.raises(vit_import.CheckpointMismatchError,
+                     match=r'missing: cls_pos_embedding \(1, 1, 32\) is not in the checkpoint '
+                     r"\(the checkpoint's position embedding has no class-token row: build the "
+                     r'model with class_posemb=False\)'):
+    vit_import.load_vit_checkpoint(path, target_params=_abstract(class_posemb=True))
 
 
 def test_new_head_needs_dont_load(tmp_path, params, cls_row, vit_writers):
