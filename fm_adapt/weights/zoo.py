@@ -2,7 +2,8 @@
 
 Each entry says how to build the model (a `fm_adapt.models.vit.Model` configuration), which
 checkpoint layout its published file has (a `fm_adapt.weights.vit_import` format), its
-parameter count as the reference library reports it, its licence and where it is published.
+parameter count (the reference library's, and fm_adapt's), its licence and where it is
+published.
 
     entry, path = zoo.parse_spec('zoo:retfound_cfp:/data/RETFound_cfp_weights.pth')
     model, variables, report = zoo.build('zoo:retfound_cfp:/data/RETFound_cfp_weights.pth',
@@ -13,9 +14,14 @@ parameter count as the reference library reports it, its licence and where it is
 not fit the named model says which catalogue model it does fit, if any.
 
 Parameter counts. `reference_params` is what the reference library reports for the image
-encoder without a classifier head. fm_adapt's count is lower by `folded_params`: the position
-row of the class token is folded into the token (exact, see `fm_adapt.models.vit`), and a
-Hugging Face Dinov2Model also counts its `mask_token`, which only masked-image pretraining uses.
+encoder without a classifier head. `params`, fm_adapt's count (`jax.eval_shape` of the entry's
+model), is the count of the reference's parameters that its forward pass uses: the reference
+count less `unused`, the parameters named there, which no gradient of the reference's output
+reaches (Hugging Face Dinov2Model's `embeddings.mask_token`, used only in masked-image
+pretraining). tests/fm_adapt/weights/test_zoo.py finds them with each reference library. The
+class token's position row is a parameter of its own (`class_posemb=True`) in every family
+whose reference has one (all but timm's DINOv2-reg, which has none), so nothing is folded and
+fm_adapt's parameters are the used parameters of the reference one for one.
 """
 import dataclasses
 import os
@@ -54,7 +60,6 @@ class Entry:
     image_size: the pretraining resolution in pixels (square).
     reference: the reference library and architecture the parameter count comes from.
     reference_params: that library's parameter count of the image encoder (no classifier).
-    folded_params: parameters of the reference that fm_adapt folds or leaves out (above).
     licence: the licence of the weights.
     published: where the weights are published.
     file_names: published file names that identify this model on their own.
@@ -62,6 +67,8 @@ class Entry:
       code does (RETFound: a fresh fc_norm).
     normalize: the input normalisation of its pretraining as a `data_pipelines.pp` op, or
       None where this catalogue has not verified it (read the model's preprocessing config).
+    unused: (name, size) of each reference parameter its forward pass does not use (no
+      gradient of its output reaches it); fm_adapt has no counterpart of these.
   """
   name: str
   title: str
@@ -70,23 +77,28 @@ class Entry:
   image_size: int
   reference: str
   reference_params: int
-  folded_params: int
   licence: str
   published: str
   file_names: tuple[str, ...] = ()
   dont_load: tuple[str, ...] = ()
   normalize: str | None = IMAGENET
+  unused: tuple[tuple[str, int], ...] = ()
 
   @property
   def params(self) -> int:
-    """fm_adapt's parameter count of the encoder (no head)."""
-    return self.reference_params - self.folded_params
+    """fm_adapt's parameter count of the encoder (no head): the reference's used parameters."""
+    return self.reference_params - sum(size for _, size in self.unused)
 
 
 def _dinov2(size: str, count: int, *, registers: int = 0, resize: str = 'dinov2') -> dict:
-  """DINOv2 at 518 px (37x37 patches of 14), LayerScale; resized as the DINOv2 code does."""
+  """DINOv2 at 518 px (37x37 patches of 14), LayerScale; resized as the DINOv2 code does.
+
+  The class token's position row is its own parameter, except with registers: timm's
+  DINOv2-reg models have none (no_embed_class; timm's checkpoint filter folds the row of
+  facebookresearch's files into the class token, as fm_adapt's importer does).
+  """
   model = dict(variant=f'{size}/14', layerscale=1e-5, num_registers=registers,
-               posemb_grid=37, posemb_resize=resize)
+               class_posemb=not registers, posemb_grid=37, posemb_resize=resize)
   return dict(model=model, image_size=518, reference_params=count)
 
 
@@ -94,7 +106,8 @@ def _clip(variant: str, grid: int, proj: int, count: int, *, layout: str = 'open
           resize: str = 'bicubic_antialias') -> dict:
   """An OpenAI CLIP image tower at 224 px: ln_pre, no patch bias, QuickGELU, eps 1e-5."""
   model = dict(variant=variant, pre_norm=True, patch_bias=False, mlp_act='quick_gelu',
-               ln_epsilon=1e-5, proj_dim=proj, posemb_grid=grid, posemb_resize=resize)
+               ln_epsilon=1e-5, proj_dim=proj, class_posemb=True, posemb_grid=grid,
+               posemb_resize=resize)
   return dict(model=model, image_size=224, layout=layout, reference_params=count,
               normalize=OPENAI_CLIP)
 
@@ -103,58 +116,58 @@ _DINOV2_HOME = ('facebookresearch/dinov2 (GitHub, torch.hub: dl.fbaipublicfiles.
                 '{n}/{n}_pretrain.pth); timm on Hugging Face: {t}')
 _ENTRIES = [
     Entry(name='dinov2_vits14', title='DINOv2 ViT-S/14 (LVD-142M)', layout='timm',
-          reference='timm 1.0.29 vit_small_patch14_dinov2', folded_params=384,
+          reference='timm 1.0.29 vit_small_patch14_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vits14_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vits14',
                                         t='timm/vit_small_patch14_dinov2.lvd142m'),
           **_dinov2('S', 22_056_192)),
     Entry(name='dinov2_vitb14', title='DINOv2 ViT-B/14 (LVD-142M)', layout='timm',
-          reference='timm 1.0.29 vit_base_patch14_dinov2', folded_params=768,
+          reference='timm 1.0.29 vit_base_patch14_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vitb14_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vitb14',
                                         t='timm/vit_base_patch14_dinov2.lvd142m'),
           **_dinov2('B', 86_579_712)),
     Entry(name='dinov2_vitl14', title='DINOv2 ViT-L/14 (LVD-142M)', layout='timm',
-          reference='timm 1.0.29 vit_large_patch14_dinov2', folded_params=1024,
+          reference='timm 1.0.29 vit_large_patch14_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vitl14_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vitl14',
                                         t='timm/vit_large_patch14_dinov2.lvd142m'),
           **_dinov2('L', 304_367_616)),
     Entry(name='dinov2_vits14_reg', title='DINOv2 ViT-S/14 with 4 registers', layout='timm',
-          reference='timm 1.0.29 vit_small_patch14_reg4_dinov2', folded_params=0,
+          reference='timm 1.0.29 vit_small_patch14_reg4_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vits14_reg4_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vits14_reg4',
                                         t='timm/vit_small_patch14_reg4_dinov2.lvd142m'),
           **_dinov2('S', 22_057_344, registers=4)),
     Entry(name='dinov2_vitb14_reg', title='DINOv2 ViT-B/14 with 4 registers', layout='timm',
-          reference='timm 1.0.29 vit_base_patch14_reg4_dinov2', folded_params=0,
+          reference='timm 1.0.29 vit_base_patch14_reg4_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vitb14_reg4_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vitb14_reg4',
                                         t='timm/vit_base_patch14_reg4_dinov2.lvd142m'),
           **_dinov2('B', 86_582_016, registers=4)),
     Entry(name='dinov2_vitl14_reg', title='DINOv2 ViT-L/14 with 4 registers', layout='timm',
-          reference='timm 1.0.29 vit_large_patch14_reg4_dinov2', folded_params=0,
+          reference='timm 1.0.29 vit_large_patch14_reg4_dinov2',
           licence='Apache-2.0', file_names=('dinov2_vitl14_reg4_pretrain.pth',),
           published=_DINOV2_HOME.format(n='dinov2_vitl14_reg4',
                                         t='timm/vit_large_patch14_reg4_dinov2.lvd142m'),
           **_dinov2('L', 304_370_688, registers=4)),
     Entry(name='rad_dino', title='RAD-DINO: DINOv2 ViT-B/14 on chest X-rays (Microsoft)',
           layout='hf_dinov2', reference='transformers 5.17.0 Dinov2Model (ViT-B/14, 518 px)',
-          folded_params=2 * 768, licence='MSRLA (Microsoft Research Licence Agreement)',
+          licence='MSRLA (Microsoft Research Licence Agreement)',
           published='microsoft/rad-dino (Hugging Face, Dinov2Model safetensors)',
-          normalize=None,
+          normalize=None, unused=(('embeddings.mask_token', 768),),
           **_dinov2('B', 86_580_480, resize='bicubic')),
     Entry(name='uni', title='UNI: DINOv2-trained ViT-L/16 on pathology (Mahmood Lab)',
-          layout='timm', image_size=224, folded_params=1024,
-          model=dict(variant='L/16', layerscale=1e-5, posemb_grid=14,
+          layout='timm', image_size=224,
+          model=dict(variant='L/16', layerscale=1e-5, class_posemb=True, posemb_grid=14,
                      posemb_resize='bicubic_antialias'),
           reference='timm 1.0.29 vit_large_patch16_224 (init_values=1e-5)',
           reference_params=303_350_784, licence='CC-BY-NC-ND-4.0 (gated)',
           published='MahmoodLab/UNI (Hugging Face, gated; timm pytorch_model.bin)'),
     Entry(name='retfound_cfp', title='RETFound MAE ViT-L/16, colour fundus photographs',
-          layout='retfound', image_size=224, folded_params=1024,
-          model=dict(variant='L/16', pool_type='gap', class_token=True, fc_norm=True,
-                     posemb_grid=14, posemb_resize='bicubic_antialias'),
+          layout='retfound', image_size=224,
+          model=dict(variant='L/16', pool_type='gap', class_token=True, class_posemb=True,
+                     fc_norm=True, posemb_grid=14, posemb_resize='bicubic_antialias'),
           reference="timm 1.0.29 vit_large_patch16_224 (global_pool='avg')",
           reference_params=303_301_632, licence='CC-BY-NC-4.0',
           published='rmaphoh/RETFound_MAE (GitHub); YukunZhou/RETFound_mae_natureCFP '
@@ -162,9 +175,9 @@ _ENTRIES = [
           file_names=('RETFound_cfp_weights.pth', 'RETFound_mae_natureCFP.pth'),
           dont_load=('fc_norm/.*',)),
     Entry(name='retfound_oct', title='RETFound MAE ViT-L/16, optical coherence tomography',
-          layout='retfound', image_size=224, folded_params=1024,
-          model=dict(variant='L/16', pool_type='gap', class_token=True, fc_norm=True,
-                     posemb_grid=14, posemb_resize='bicubic_antialias'),
+          layout='retfound', image_size=224,
+          model=dict(variant='L/16', pool_type='gap', class_token=True, class_posemb=True,
+                     fc_norm=True, posemb_grid=14, posemb_resize='bicubic_antialias'),
           reference="timm 1.0.29 vit_large_patch16_224 (global_pool='avg')",
           reference_params=303_301_632, licence='CC-BY-NC-4.0',
           published='rmaphoh/RETFound_MAE (GitHub); YukunZhou/RETFound_mae_natureOCT '
@@ -172,8 +185,8 @@ _ENTRIES = [
           file_names=('RETFound_oct_weights.pth', 'RETFound_mae_natureOCT.pth'),
           dont_load=('fc_norm/.*',)),
     Entry(name='biomedclip', title='BiomedCLIP image tower (ViT-B/16, PMC-15M)',
-          layout='open_clip', image_size=224, folded_params=768,
-          model=dict(variant='B/16', proj_dim=512, posemb_grid=14,
+          layout='open_clip', image_size=224,
+          model=dict(variant='B/16', proj_dim=512, class_posemb=True, posemb_grid=14,
                      posemb_resize='bicubic_antialias'),
           reference="open_clip 3.3.0 TimmModel('vit_base_patch16_224', pool='', "
                     "proj='linear', embed_dim=512)",
@@ -181,26 +194,25 @@ _ENTRIES = [
           published='microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (Hugging Face, '
                     'open_clip_pytorch_model.bin)'),
     Entry(name='clip_vitb16_openai', title='OpenAI CLIP ViT-B/16 image tower',
-          reference='open_clip 3.3.0 ViT-B-16-quickgelu visual', folded_params=768,
+          reference='open_clip 3.3.0 ViT-B-16-quickgelu visual',
           licence='MIT', published='openai/CLIP (GitHub; its TorchScript .pt is refused, '
           'use the state dict); timm/vit_base_patch16_clip_224.openai (Hugging Face, '
           'open_clip_pytorch_model.bin)', **_clip('B/16', 14, 512, 86_192_640)),
     Entry(name='clip_vitl14_openai', title='OpenAI CLIP ViT-L/14 image tower',
-          reference='open_clip 3.3.0 ViT-L-14-quickgelu visual', folded_params=1024,
+          reference='open_clip 3.3.0 ViT-L-14-quickgelu visual',
           licence='MIT', published='openai/CLIP (GitHub); timm/vit_large_patch14_clip_224.'
           'openai (Hugging Face, open_clip_pytorch_model.bin)',
           **_clip('L/14', 16, 768, 303_966_208)),
     Entry(name='clip_vitb16_openai_hf', title='OpenAI CLIP ViT-B/16, Hugging Face layout',
           reference='transformers 5.17.0 CLIPVisionModelWithProjection (ViT-B/16)',
-          folded_params=768, licence='MIT',
-          published='openai/clip-vit-base-patch16 (Hugging Face)',
+          licence='MIT', published='openai/clip-vit-base-patch16 (Hugging Face)',
           **_clip('B/16', 14, 512, 86_192_640, layout='hf_clip', resize='bicubic')),
     Entry(name='plip', title='PLIP: CLIP ViT-B/32 on pathology image-text pairs',
           reference='transformers 5.17.0 CLIPVisionModelWithProjection (ViT-B/32)',
-          folded_params=768, licence=NOT_VERIFIED, published='vinid/plip (Hugging Face)',
+          licence=NOT_VERIFIED, published='vinid/plip (Hugging Face)',
           **_clip('B/32', 7, 512, 87_849_216, layout='hf_clip', resize='bicubic')),
     Entry(name='chexzero', title='CheXzero: OpenAI CLIP ViT-B/32 fine-tuned on chest X-rays',
-          reference='open_clip 3.3.0 ViT-B-32-quickgelu visual', folded_params=768,
+          reference='open_clip 3.3.0 ViT-B-32-quickgelu visual',
           licence=NOT_VERIFIED,
           published='rajpurkarlab/CheXzero (GitHub; torch.save of the CLIP state dict)',
           **dict(_clip('B/32', 7, 512, 87_849_216), normalize=None)),
@@ -321,7 +333,8 @@ def looks_like(path: str | os.PathLike) -> list[Entry]:
     target = _flat_shapes(abstract_params(entry))
     try:
       converted = vit_import.CONVERTERS[entry.layout](
-          arrays, num_patches=target['pos_embedding'][1])
+          arrays, num_patches=target['pos_embedding'][1],
+          class_posemb='cls_pos_embedding' in target)
     except ValueError:  # Keys of two layouts mapping to one parameter.
       continue
     if converted.leftovers:
@@ -369,10 +382,15 @@ def build(spec: str, *, num_classes: int | None = None, seed: int = 0,
 
 
 def table() -> str:
-  """The catalogue as a markdown table (name, model, layout, parameters, licence, source)."""
-  rows = ['| name | model | layout | params (reference) | licence | published |',
-          '| --- | --- | --- | --- | --- | --- |']
+  """The catalogue as a markdown table (name, model, layout, parameters, licence, source).
+
+  'params' is fm_adapt's count, that of the reference's parameters its forward pass uses;
+  'reference' gives the library's own count, and the unused parameters where there are any.
+  """
+  rows = ['| name | model | layout | params | reference (its count) | licence | published |',
+          '| --- | --- | --- | ---: | --- | --- | --- |']
   for e in _ENTRIES:
-    rows.append(f'| `{e.name}` | {e.title} | {e.layout} | {e.params:,} ({e.reference_params:,},'
-                f' {e.reference}) | {e.licence} | {e.published} |')
+    unused = ''.join(f'; unused: {name} ({size:,})' for name, size in e.unused)
+    rows.append(f'| `{e.name}` | {e.title} | {e.layout} | {e.params:,} | {e.reference} '
+                f'({e.reference_params:,}{unused}) | {e.licence} | {e.published} |')
   return '\n'.join(rows)

@@ -1,5 +1,6 @@
-"""The foundation-model catalogue: parameter counts at full size (fm_adapt's eval_shape and the
-reference libraries' own count), names and specs, and a whole 'zoo:' import on reduced models."""
+"""The foundation-model catalogue: parameter counts at full size (fm_adapt's eval_shape against
+the reference libraries' own models: their count, and which of their parameters their forward
+pass uses), names and specs, and a whole 'zoo:' import on reduced models."""
 import dataclasses
 import functools
 
@@ -11,30 +12,34 @@ from fm_adapt.weights import zoo
 
 
 @pytest.mark.parametrize('name', sorted(zoo.ENTRIES))
-def test_eval_shape_count_is_the_reference_count_less_the_folded_rows(name):
+def test_eval_shape_count_is_the_catalogue_count(name):
+  """fm_adapt's count (no torch needed); the reference side is checked below."""
   entry = zoo.ENTRIES[name]
   assert zoo.count_params(zoo.abstract_params(entry)) == entry.params
-  assert entry.params == entry.reference_params - entry.folded_params
-  width = {'S': 384, 'B': 768, 'L': 1024}[entry.model['variant'][0]]
-  assert entry.folded_params in (0, width, 2 * width)  # Class position row (+ HF mask token).
 
+
+# Each catalogue entry's reference at full size: (build, forward to the features fm_adapt gives).
 
 def _timm(name, **kw):
-  return lambda ref: ref.load('timm').create_model(name, pretrained=False, num_classes=0, **kw)
+  build = lambda ref: ref.load('timm').create_model(name, pretrained=False, num_classes=0, **kw)
+  return build, lambda module, x: module(x)  # Pooled pre-logits.
 
 
 def _open_clip(config):
   def build(ref):
     open_clip = ref.load('open_clip')
     return open_clip.model.CLIP(**open_clip.get_model_config(config)).visual
-  return build
+  return build, lambda module, x: module(x)  # The projected image embedding.
 
 
-def _hf_dinov2(ref):
+def _build_hf_dinov2(ref):
   transformers = ref.load('transformers')
   return transformers.Dinov2Model(transformers.Dinov2Config(
       hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518,
       patch_size=14))
+
+
+_hf_dinov2 = (_build_hf_dinov2, lambda module, x: module(pixel_values=x).last_hidden_state)
 
 
 def _hf_clip(patch):
@@ -43,14 +48,16 @@ def _hf_clip(patch):
     return transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         image_size=224, patch_size=patch, projection_dim=512, hidden_act='quick_gelu'))
-  return build
+  return build, lambda module, x: module(pixel_values=x).image_embeds
 
 
-def _biomedclip(ref):
+def _build_biomedclip(ref):
   open_clip = ref.load('open_clip')
   return open_clip.timm_model.TimmModel('vit_base_patch16_224', embed_dim=512, image_size=224,
                                         pool='', proj='linear')
 
+
+_biomedclip = (_build_biomedclip, lambda module, x: module(x))
 
 REFERENCES = {
     'dinov2_vits14': _timm('vit_small_patch14_dinov2'),
@@ -76,12 +83,31 @@ def test_every_entry_has_a_reference_check():
   assert set(REFERENCES) == set(zoo.ENTRIES)
 
 
+def _unused_parameters(module, forward, image_size, torch):
+  """(name, size) of the module's parameters that no gradient of its output reaches."""
+  for p in module.parameters():
+    p.grad = None
+    p.requires_grad_(True)
+  forward(module, torch.empty(1, 3, image_size, image_size)).sum().backward()
+  return tuple((n, p.numel()) for n, p in module.named_parameters() if p.grad is None)
+
+
 @pytest.mark.parametrize('name', sorted(REFERENCES))
-def test_reference_library_reports_the_catalogue_count(name, reference):
+def test_eval_shape_count_is_the_reference_librarys_count_of_used_parameters(name, reference):
+  """The reference library's own model at full size: its parameter count is the catalogue's
+  reference_params; a forward and backward pass at the entry's image size finds the parameters
+  its forward does not use (no gradient); fm_adapt's eval_shape count is exactly the rest."""
   torch = reference.load('torch')
-  with torch.device('meta'):  # Shapes only: full-size models without their memory.
-    module = REFERENCES[name](reference)
-  assert sum(p.numel() for p in module.parameters()) == zoo.ENTRIES[name].reference_params
+  entry = zoo.ENTRIES[name]
+  build, forward = REFERENCES[name]
+  with torch.device('meta'):  # Shapes only: full-size models, their passes, without memory.
+    module = build(reference)
+    total = sum(p.numel() for p in module.parameters())
+    unused = _unused_parameters(module, forward, entry.image_size, torch)
+  assert total == entry.reference_params
+  assert unused == entry.unused
+  used = total - sum(size for _, size in unused)
+  assert zoo.count_params(zoo.abstract_params(entry)) == used == entry.params
 
 
 def test_unknown_names_list_the_catalogue(tmp_path):
@@ -107,6 +133,8 @@ def test_specs_by_name_and_by_published_file_name():
   assert zoo.entry_for_file('x/dinov2_vitl14_reg4_pretrain.pth').name == 'dinov2_vitl14_reg'
   assert zoo.model_config('rad_dino')['posemb_resize'] == 'bicubic'
   assert '| `biomedclip` |' in zoo.table()
+  assert '| 86,579,712 | transformers 5.17.0 Dinov2Model (ViT-B/14, 518 px) (86,580,480; ' \
+      'unused: embeddings.mask_token (768)) |' in zoo.table()
 
 
 # --- A whole import on reduced models: the catalogue's entries with 'mu' width and depth.
