@@ -1,7 +1,11 @@
 """Adaptation transforms on the foundation-model families (reduced models): LoRA, VPT, adapters,
-BitFit and EPT attach to DINOv2 with registers, MAE / RETFound and CLIP towers exactly as to
-the original ViT. Zero-initialised transforms leave the features unchanged; prompts keep the
-token layout ([cls, registers, patches]); the trainable counts are those of the transform."""
+BitFit and EPT attach to DINOv2 (with and without registers), MAE / RETFound and CLIP towers
+exactly as to the original ViT. Zero-initialised transforms leave the features unchanged;
+prompts keep the token layout ([cls, registers, patches]); the trainable counts are those of
+the transform; the class token's own position embedding (class_posemb, as the catalogue builds
+these families) is frozen wherever `pos_embedding` is."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,10 +19,12 @@ from fm_adapt.train import model_fns
 FAMILIES = {
     'dinov2_reg': (dict(variant='mu/14', layerscale=1e-5, num_registers=2, posemb_grid=2,
                         posemb_resize='dinov2'), 28),
-    'mae_retfound': (dict(variant='mu/16', pool_type='gap', class_token=True, fc_norm=True,
-                          posemb_grid=2), 32),
+    'dinov2': (dict(variant='mu/14', layerscale=1e-5, class_posemb=True, posemb_grid=2,
+                    posemb_resize='dinov2'), 28),
+    'mae_retfound': (dict(variant='mu/16', pool_type='gap', class_token=True, class_posemb=True,
+                          fc_norm=True, posemb_grid=2), 32),
     'clip': (dict(variant='mu/16', pre_norm=True, patch_bias=False, mlp_act='quick_gelu',
-                  ln_epsilon=1e-5, proj_dim=8, posemb_grid=2), 32),
+                  ln_epsilon=1e-5, proj_dim=8, class_posemb=True, posemb_grid=2), 32),
 }
 TRANSFORMS = {
     'lora': dict(name='lora', rank=2, targets='.*attn/(query|value)/kernel'),
@@ -93,3 +99,30 @@ def test_prompts_go_after_the_class_token_and_the_registers():
                              np.broadcast_to(prompt, (2, *prompt.shape)))
   _, _, _, ept_params, _ = _setup('dinov2_reg', 'ept')
   assert ept_params['prompt']['ept'].shape == (2, 1 + registers + patches, 2)  # [L, T, n]
+
+
+def test_prompts_go_after_the_class_token_with_its_position_embedding():
+  adaptation, apply, base, params, images = _setup('dinov2', 'vpt_deep')
+  x = _block_0_input(adaptation, apply, params, images)
+  prompt = np.asarray(params['prompt']['deep'][0])
+  assert x.shape == (2, 1 + len(prompt) + 4, 32)
+  cls = base['cls'][0, 0] + base['cls_pos_embedding'][0, 0]
+  np.testing.assert_allclose(x[:, 0], np.broadcast_to(cls, (2, 32)), atol=1e-6)
+  np.testing.assert_allclose(x[:, 1:1 + len(prompt)], np.broadcast_to(prompt, (2, *prompt.shape)))
+
+
+@pytest.mark.parametrize('transform', list(TRANSFORMS))
+def test_class_position_embedding_is_trained_exactly_where_pos_embedding_is(transform):
+  """No transform trains it (nor `pos_embedding`): both stay frozen under every transform."""
+  adaptation, _, _, params, _ = _setup('dinov2', transform)
+  assert 'cls_pos_embedding' in params
+  trainable = lambda path: any(re.fullmatch(p, path) for p in adaptation.trainable_patterns)
+  assert not trainable('cls_pos_embedding') and not trainable('pos_embedding')
+
+
+@pytest.mark.parametrize('name', sorted(compose.SCHEDULE_PRESETS))
+def test_schedule_presets_treat_the_class_position_embedding_as_pos_embedding(name):
+  rules = compose.preset(name, **({'k': 1, 'depth': 2} if name == 'last_k' else {}))
+  rule = lambda path: next(r for r in rules if re.fullmatch(r[0], path))
+  assert rule('cls_pos_embedding') == rule('pos_embedding')
+  assert (rule('cls_pos_embedding')[1] is None) == (name != 'full')  # Frozen but in 'full'.

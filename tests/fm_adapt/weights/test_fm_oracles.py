@@ -6,7 +6,9 @@ parameters drawn at random (so LayerScale, norms and position rows all matter), 
 have it (.safetensors and a .pth state dict read with weights_only=True), imported into
 fm_adapt's ViT, and run on the same images: the features must agree within 1e-4 (float32) at
 the native resolution and at an interpolated, non-square one (the position embedding resized
-the way the family resizes it).
+the way the family resizes it). Families whose position embedding has a class-token row are
+built as the catalogue builds them, with the row as its own parameter (class_posemb=True,
+never resized); 'timm_dinov2_folded' checks the default, the row folded into the class token.
 """
 import dataclasses
 import functools
@@ -167,27 +169,34 @@ def _hf_clip_features(module, x, ref):
   return {'encoded': encoded, 'pre_logits': out.image_embeds}
 
 
-_CLIP = dict(pre_norm=True, patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5, proj_dim=8)
+_CLIP = dict(pre_norm=True, patch_bias=False, mlp_act='quick_gelu', ln_epsilon=1e-5, proj_dim=8,
+             class_posemb=True)
 CASES = {
     'timm_dinov2': Case(
         _timm('vit_small_patch14_dinov2', 56), _timm_features, lambda m: m.state_dict(),
-        'timm', dict(variant='mu/14', layerscale=1e-5, posemb_grid=4), (56, 56), (28, 42)),
+        'timm', dict(variant='mu/14', layerscale=1e-5, class_posemb=True, posemb_grid=4),
+        (56, 56), (28, 42)),
+    'timm_dinov2_folded': Case(
+        _timm('vit_small_patch14_dinov2', 56), _timm_features, lambda m: m.state_dict(),
+        'timm', dict(variant='mu/14', layerscale=1e-5, posemb_grid=4), (56, 56), (42, 28)),
     'timm_dinov2_reg4': Case(
         _timm('vit_small_patch14_reg4_dinov2', 56), _timm_features, lambda m: m.state_dict(),
         'timm', dict(variant='mu/14', layerscale=1e-5, num_registers=4, posemb_grid=4),
         (56, 56), (42, 28)),
     'timm_mae_retfound': Case(
         _timm('vit_large_patch16_224', 32, global_pool='avg'), _timm_features, _mae_state_dict,
-        'timm', dict(variant='mu/16', pool_type='gap', class_token=True, fc_norm=True,
-                     posemb_grid=2), (32, 32), (48, 64),
+        'timm', dict(variant='mu/16', pool_type='gap', class_token=True, class_posemb=True,
+                     fc_norm=True, posemb_grid=2), (32, 32), (48, 64),
         ignored=('mask_token', 'decoder_embed.weight')),
     'hf_dinov2': Case(
         _hf_dinov2(0), _hf_dinov2_features, lambda m: m.state_dict(), 'hf_dinov2',
-        dict(variant='mu/14', layerscale=1e-5, posemb_grid=4, posemb_resize='bicubic'),
+        dict(variant='mu/14', layerscale=1e-5, class_posemb=True, posemb_grid=4,
+             posemb_resize='bicubic'),
         (56, 56), (28, 42), ignored=('embeddings.mask_token',)),
     'hf_dinov2_registers': Case(
         _hf_dinov2(2), _hf_dinov2_features, lambda m: m.state_dict(), 'hf_dinov2',
-        dict(variant='mu/14', layerscale=1e-5, num_registers=2, posemb_grid=4),
+        dict(variant='mu/14', layerscale=1e-5, num_registers=2, class_posemb=True,
+             posemb_grid=4),
         (56, 56), (28, 42), ignored=('embeddings.mask_token',)),
     'open_clip': Case(
         _open_clip, _open_clip_features, lambda m: m.state_dict(), 'open_clip',
@@ -195,7 +204,8 @@ CASES = {
         ignored=('logit_scale', 'text_projection', 'token_embedding.weight')),
     'open_clip_timm_biomedclip': Case(
         _biomedclip, _biomedclip_features, lambda m: m.state_dict(), 'open_clip',
-        dict(variant='mu/16', posemb_grid=14, proj_dim=8), (224, 224), (48, 64),
+        dict(variant='mu/16', posemb_grid=14, proj_dim=8, class_posemb=True), (224, 224),
+        (48, 64),
         ignored=('logit_scale',)),
     'hf_clip': Case(
         _hf_clip, _hf_clip_features, lambda m: m.state_dict(), 'hf_clip',
@@ -229,6 +239,12 @@ def test_features_match_reference_library(name, reference, tmp_path, monkeypatch
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_pth)
   assert set(case.ignored) <= set(report.ignored)
   assert len(report.loaded) == len(jax.tree_util.tree_leaves(target))
+  if case.model.get('class_posemb'):  # The class row is its own parameter, not folded.
+    assert 'row 0 of' in report.loaded['cls_pos_embedding']
+    assert ' + ' not in report.loaded['cls']
+  else:  # Folded into the class token where the file has a class row (timm's reg4 has none).
+    assert 'cls_pos_embedding' not in params
+    assert (' + row 0 of ' in report.loaded['cls']) == (name == 'timm_dinov2_folded')
   assert not report.problems and not report.kept_init
   apply = jax.jit(model.apply)
   rng = np.random.default_rng(0)
