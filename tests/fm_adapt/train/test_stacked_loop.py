@@ -4,12 +4,17 @@ synthetic data (40 train images at batch 16: epochs of 3 steps, the third padded
 Each seed of a stacked group must end where the run of that seed alone ends: the same final
 parameters (to float rounding), the same results.json; with dropout (a tiny ViT) so that each
 seed's keys matter, and with BatchNorm (a tiny ResNet) so that the stacked statistics and the
-padded batch's mask matter. A group that crashes mid-training resumes from its checkpoint to the
+padded batch's mask matter. A group killed mid-training (SIGKILL) resumes from its checkpoint to the
 uninterrupted group's final state exactly; a seed that diverges stops the group and nothing of
 that step is saved.
 """
 import json
 import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,6 +26,7 @@ from fm_adapt.train import stacked
 from fm_adapt.train import stacked_loop
 from fm_adapt.train import writer as writer_lib
 
+REPO = pathlib.Path(__file__).resolve().parents[3]
 SEEDS = (0, 3)
 MODELS = {
     # Dropout: each seed's keys decide its masks (a plain vmap of rbg keys gives seed 3 bits
@@ -124,41 +130,55 @@ def _comparable(results: dict, workdir: pathlib.Path) -> dict:
   return out
 
 
-def test_crashed_group_resumes_exactly(tmp_path, tiny_config, monkeypatch):
-  """A group that dies after its step-4 checkpoint resumes from it (stacked state and both
-  seeds' data iterators) to the uninterrupted group's state at step 6, bit for bit."""
-  configs = _configs(tiny_config, "vit", total_steps=6, eval_every=3)
+_KILLED = textwrap.dedent("""
+    import json, sys, time
+    import ml_collections
+    from fm_adapt.train import stacked, stacked_loop
+    real = stacked.stacked_batch  # Each step slowed down, so that the kill lands mid-training.
+    stacked.stacked_batch = lambda *args: (time.sleep(0.5), real(*args))[1]
+    configs = [ml_collections.ConfigDict(c) for c in json.loads(sys.argv[1])]
+    stacked_loop.train_and_evaluate_stacked(configs, json.loads(sys.argv[2]))
+""")
+
+
+def test_killed_group_resumes_exactly(tmp_path, tiny_config, tiny_env, capfd):
+  """A group SIGKILLed after its step-4 checkpoint resumes from its newest checkpoint (stacked
+  state and both seeds' data iterators) to the uninterrupted group's state at step 8, bit for
+  bit, and each seed's log holds every step once."""
+  configs = _configs(tiny_config, "vit", total_steps=8, eval_every=3)
   reference = [tmp_path / f"ref-s{s}" for s in SEEDS]
   want = stacked_loop.train_and_evaluate_stacked(configs, reference)
 
-  crashed = [tmp_path / f"crash-s{s}" for s in SEEDS]
-  real_batch = stacked.stacked_batch
-  calls = []
+  killed = [tmp_path / f"kill-s{s}" for s in SEEDS]
+  group = tmp_path / "stacked" / "+".join(w.name for w in killed)
+  args = [json.dumps([c.to_dict() for c in configs]), json.dumps([str(w) for w in killed])]
+  proc = subprocess.Popen([sys.executable, "-c", _KILLED, *args], env=tiny_env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (group / "ckpt" / "4").is_dir():
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, "the group ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not any((w / "results.json").exists() for w in killed)
+  saved = sorted(int(p.name) for p in (group / "ckpt").iterdir() if p.name.isdigit())
+  assert 4 in saved and max(saved) < 8
 
-  def dying_batch(*args):
-    calls.append(1)
-    if len(calls) == 5:
-      raise RuntimeError("killed")
-    return real_batch(*args)
-
-  monkeypatch.setattr(stacked, "stacked_batch", dying_batch)
-  with pytest.raises(RuntimeError, match="killed"):
-    stacked_loop.train_and_evaluate_stacked(configs, crashed)
-  monkeypatch.setattr(stacked, "stacked_batch", real_batch)
-  group = tmp_path / "stacked" / "+".join(w.name for w in crashed)
-  assert sorted(int(p.name) for p in (group / "ckpt").glob("[0-9]*")) == [2, 4]
-  assert not any((w / "results.json").exists() for w in crashed)
-
-  got = stacked_loop.train_and_evaluate_stacked(configs, crashed)
+  capfd.readouterr()
+  got = stacked_loop.train_and_evaluate_stacked(configs, killed)
+  assert f"Resuming the seeds {list(SEEDS)} from {group / 'ckpt'}/{max(saved)}" in (
+      capfd.readouterr().err)
   ref_group = tmp_path / "stacked" / "+".join(w.name for w in reference)
-  flat_want, flat_got = _final_state(ref_group, 6), _final_state(group, 6)
+  flat_want, flat_got = _final_state(ref_group, 8), _final_state(group, 8)
   assert flat_want.keys() == flat_got.keys()
   for key in flat_want:
     np.testing.assert_array_equal(flat_got[key], flat_want[key], err_msg=str(key))
   for k in range(len(SEEDS)):
     assert got[k]["metrics"] == want[k]["metrics"]
-    logged = writer_lib.read_metrics(crashed[k])
-    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    logged = writer_lib.read_metrics(killed[k])
+    assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 9))
     assert _without_rate(logged) == _without_rate(writer_lib.read_metrics(reference[k]))
 
 
