@@ -17,6 +17,16 @@ data=EvalData(...), **options)`: `EvalData.batches_for(split, pp, what)` gives i
 another split or pp with the entry's batch size and loader settings, checked like its own
 (deterministic pp of the training shape, a split with examples). A class without `OPTIONS`
 (classification) takes none and is built with the base arguments only.
+
+An evaluator whose `OPTIONS` hold `data` evaluates the split of that dataset config instead of
+`config.input.data` (e.g. held-out images for a run on pretraining data, which has no held-out
+split); its eval pp must then give images of the training shape (`image_shape`). `EvalData`
+also carries the model's `apply_fn` and the run's `objective` for evaluators that need more than
+`predict_fn` (the 'reconstruction' evaluator of masked image modelling).
+
+An evaluator class with `WRITES_FILES = True` writes files of its own into the run's workdir:
+the training loop calls its `run(train_state, predictions_path=None, *, workdir, step, final)`
+(`final`: the evaluation of the selected state after training).
 """
 from __future__ import annotations
 
@@ -34,12 +44,14 @@ from fm_adapt import config as config_lib
 from fm_adapt.evaluators import calibration_eval
 from fm_adapt.evaluators import classification
 from fm_adapt.evaluators import metrics as metrics_lib
+from fm_adapt.evaluators import reconstruction
 from fm_adapt.evaluators import robustness
 from fm_adapt.train import mesh as mesh_lib
 
 EVALUATORS: dict[str, type] = {"classification": classification.Evaluator,
                                "calibration": calibration_eval.Evaluator,
-                               "robustness": robustness.Evaluator}
+                               "robustness": robustness.Evaluator,
+                               "reconstruction": reconstruction.Evaluator}
 EVAL_KEYS = ("name", "split", "pp", "batch_size", "periodic")
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -52,16 +64,22 @@ class EvalData:
   Attributes:
     key: the entry's key in `config.evals`, for errors.
     pp: the entry's eval pp (`eval_pp`).
-    data_cfg: `config.input.data` as a dict.
+    data_cfg: the dataset config the entry evaluates as a dict: its `data` option where it has
+      one, else `config.input.data`.
     batches_for: `(split, pp, what) -> batches`: a factory of fresh batch iterables of `split`
       preprocessed with `pp`, with the entry's batch size and loader settings (one pass, padded
       last batch). Checks when called: the split has examples (`what` names the config key
       that chose it), `pp` is deterministic and gives the training shape.
+    apply_fn: the model's `apply(params, model_state, images, *, train, rng, mask=None,
+      **model_kwargs)` (`fm_adapt.train.model_fns.make_apply_fn`), or None.
+    objective: the run's training objective (`fm_adapt.objectives.get_objective`), or None.
   """
   key: str
   pp: str
   data_cfg: Mapping[str, Any]
   batches_for: Callable[[str, str, str], Batches]
+  apply_fn: Callable[..., Any] | None = None
+  objective: Any = None
 
 
 def options_of(name: str) -> dict[str, str]:
@@ -164,19 +182,44 @@ def check_split(source: Sequence[dict], spec: Any, split: str, what: str) -> Non
   metrics_lib.warn_undefined(split, undefined)
 
 
-def _batches_factory(config: Any, data_dir: Any, spec: Any, key: str, batch_size: int
+def _check_foreign_shape(source: Sequence[dict], key: str, pp: str,
+                         image_shape: Sequence[int] | None) -> None:
+  """The eval pp of an entry with its own `data` must give the training images' shape."""
+  shape = np.shape(pp_lib.parse(pp)(dict(source[0]), np.random.default_rng(0))["image"])
+  if image_shape is not None and tuple(shape) != tuple(image_shape):
+    raise ValueError(
+        f"config.evals.{key}: the eval pp {pp!r} gives images of shape {shape} from "
+        f"config.evals.{key}.data, but the model trains on {tuple(image_shape)}. Set "
+        f"config.evals.{key}.pp to a deterministic pp giving that shape (e.g. "
+        "'resize(<size>)|gray_to_rgb|...').")
+
+
+def _batches_factory(config: Any, data_dir: Any, spec: Any, key: str, batch_size: int,
+                     data_cfg: Mapping[str, Any] | None = None,
+                     image_shape: Sequence[int] | None = None
                      ) -> Callable[[str, str, str], Batches]:
-  """`EvalData.batches_for` of entry `key`: each split is loaded and checked once."""
+  """`EvalData.batches_for` of entry `key`: each split is loaded and checked once.
+
+  `data_cfg` (an entry's own `data` option; None: `config.input.data`) is checked for examples
+  (not for its labels) and its pp against the training images' shape `image_shape`.
+  """
   sources: dict[str, Sequence[dict]] = {}
 
   def batches_for(split: str, pp: str, what: str) -> Batches:
     if split not in sources:
-      source, _ = datasets.get_dataset(config.input.data, split, data_dir)
-      check_split(source, spec, split, what)
+      source, split_spec = datasets.get_dataset(
+          config.input.data if data_cfg is None else data_cfg, split, data_dir)
+      if data_cfg is None:
+        check_split(source, spec, split, what)
+      else:  # Another dataset's labels are the evaluator's concern.
+        check_not_empty(source, split_spec, split, what)
       sources[split] = source
     source = sources[split]
     pp_lib.check_deterministic(pp, f"The pp of config.evals.{key}")
-    _check_shape(source, key, pp, config.input.pp)
+    if data_cfg is None:
+      _check_shape(source, key, pp, config.input.pp)
+    else:
+      _check_foreign_shape(source, key, pp, image_shape)
     return lambda: loader.make_loader(
         source, pp=pp, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
         drop_remainder=False, pad_remainder=True)
@@ -184,12 +227,22 @@ def _batches_factory(config: Any, data_dir: Any, spec: Any, key: str, batch_size
   return batches_for
 
 
-def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, list[str]]:
+def make_evaluators(config, data_dir, spec, predict_fn, mesh, *,
+                    apply_fn: Callable[..., Any] | None = None, objective: Any = None,
+                    image_shape: Sequence[int] | None = None) -> tuple[dict, list[str]]:
   """Builds the evaluators of `config.evals` (key -> dict(name=..., split=...)).
 
   Everything is checked here, before training: keys, names, batch sizes, that the eval pp is
   deterministic and gives the training shape, that each split has examples (and which metrics
   its labels leave undefined).
+
+  Args:
+    config, data_dir, spec, predict_fn, mesh: the run's config, data directory, training
+      dataset spec, `predict(train_state, images)` and mesh.
+    apply_fn, objective: the model's apply and the run's objective, given to evaluators with
+      options (`EvalData`).
+    image_shape: (H, W, C) of a preprocessed training example: the shape an entry with its own
+      `data` must give.
 
   Returns:
     ({key: evaluator}, [keys of the evaluators run during training (`periodic`)]).
@@ -200,12 +253,16 @@ def make_evaluators(config, data_dir, spec, predict_fn, mesh) -> tuple[dict, lis
     split = cfg.get("split", key)
     batch_size = _batch_size(config, key, cfg)
     pp = eval_pp(config, key, cfg)
-    batches_for = _batches_factory(config, data_dir, spec, key, batch_size)
+    own_data = cfg.get("data") if "data" in options_of(cfg["name"]) else None
+    own_data = None if own_data is None else dict(own_data)
+    batches_for = _batches_factory(config, data_dir, spec, key, batch_size, own_data,
+                                   image_shape)
     batches = batches_for(split, pp, f"config.evals.{key}.split")
     cls = EVALUATORS[cfg["name"]]
-    options = {k: cfg[k] for k in options_of(cfg["name"]) if k in cfg}
+    options = {k: cfg[k] for k in options_of(cfg["name"]) if k in cfg and k != "data"}
+    data_cfg = dict(config.input.data) if own_data is None else own_data
     extra = {} if getattr(cls, "OPTIONS", None) is None else dict(
-        data=EvalData(key, pp, dict(config.input.data), batches_for), **options)
+        data=EvalData(key, pp, data_cfg, batches_for, apply_fn, objective), **options)
     evaluators[key] = cls(
         predict_fn, batches, lambda b: mesh_lib.global_batch(b, mesh), spec.task,
         list(spec.class_names) if spec.class_names else None, split=split, **extra)

@@ -64,6 +64,7 @@ class TrainFns:
   trainable: Any
   tx: Any
   update_fn: Callable[..., Any]
+  objective: Any = None
 
 
 def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: tuple[int, ...],
@@ -89,7 +90,7 @@ def build_train_fns(config: ml_collections.ConfigDict, spec: Any, image_shape: t
                                      patch_size=model_fns.patch_size)
   update = step_lib.make_update_fn(model_fns.apply_fn, loss_fn, tx, schedules[min(schedules)],
                                    grad_accum_steps=config.get("grad_accum_steps"))
-  return TrainFns(model_fns, variables_shape, trainable, tx, update)
+  return TrainFns(model_fns, variables_shape, trainable, tx, update, loss_fn)
 
 
 def _image_shape(source: Any, pp: str) -> tuple[int, ...]:
@@ -202,8 +203,8 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
   # rbg keys: the same quality for init and dropout, and far faster to compile on CPU than
   # threefry when a model has many parameter shapes (EfficientNet-Lite0 init: 35 s -> 15 s).
   init_rng, train_rng = jax.random.split(jax.random.key(seed, impl="rbg"))
-  fns = build_train_fns(config, spec, _image_shape(source, config.input.pp), total_steps,
-                        init_rng)
+  image_shape = _image_shape(source, config.input.pp)
+  fns = build_train_fns(config, spec, image_shape, total_steps, init_rng)
   model_fns, update = fns.model_fns, fns.update_fn
   _check_padding_is_masked(config, model_fns.model, fns.variables_shape)
   rules = config.get("sharding_rules")
@@ -213,7 +214,9 @@ def build_run(config: ml_collections.ConfigDict, data_dir_flag: str | None) -> R
     return state_lib.initial_state(fns, variables, mesh)
 
   predict_fn = step_lib.make_predict_fn(model_fns.apply_fn, spec.task)
-  evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh)
+  evaluators, periodic = make_evaluators(config, data_dir, spec, predict_fn, mesh,
+                                         apply_fn=model_fns.apply_fn, objective=fns.objective,
+                                         image_shape=image_shape)
   subset = (f" of {split_size} (label_fraction {fraction:g}, per class {class_counts})"
             if fraction < 1 else "")
   writer_lib.console(f"Run: {len(source)}{subset} train examples, batch {batch_size}"

@@ -55,12 +55,21 @@ def _data_state(run: build.Run) -> dict[str, Any]:
 
 def _evaluate(evaluators: Mapping[str, cls_eval.Evaluator], state: Mapping[str, Any],
               names: list[str] | None = None,
-              predictions_dir: epath.Path | None = None) -> dict[str, float | None]:
+              predictions_dir: epath.Path | None = None, workdir: epath.Path | None = None,
+              step: int | None = None) -> dict[str, float | None]:
+  """Runs the evaluators (those in `names`; all for None) on `state`; {'<name>/<metric>': value}.
+
+  With `predictions_dir` (the final evaluation) each writes its predictions there; with
+  `workdir`, evaluators that write files of their own (`WRITES_FILES`) get `workdir`, `step` and
+  `final` (whether this is the final evaluation).
+  """
   out = {}
   for name, evaluator in evaluators.items():
     if names is None or name in names:
       kwargs = {} if predictions_dir is None else {
           "predictions_path": predictions_dir / f"{name}.csv"}
+      if workdir is not None and getattr(evaluator, "WRITES_FILES", False):
+        kwargs.update(workdir=workdir, step=step, final=predictions_dir is not None)
       out.update({f"{name}/{k}": v for k, v in evaluator.run(state, **kwargs)})
   return out
 
@@ -264,7 +273,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       ckpt.wait()
       raise interrupt.Stopped(step, stop.signum)
     if evaluate:
-      _evaluate_periodic(step, state, run, ckpt, writer, bar)
+      _evaluate_periodic(step, state, run, ckpt, writer, bar, workdir)
     if save:
       ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
     if evaluate or save:
@@ -289,10 +298,11 @@ def _format(metrics: Mapping[str, float | None]) -> str:
                    if k.endswith(("/auc", "/acc")))
 
 
-def _evaluate_periodic(step: int, state, run, ckpt: ckpt_lib.RunCheckpointer, writer, bar
-                       ) -> None:
-  """Runs the periodic evaluators, logs them, and saves the weights if they are the best."""
-  metrics = _evaluate(run.evaluators, state, run.periodic_evals)
+def _evaluate_periodic(step: int, state, run, ckpt: ckpt_lib.RunCheckpointer, writer, bar,
+                       workdir: epath.Path | None = None) -> None:
+  """Runs the periodic evaluators, logs them, and saves the weights if they are the best;
+  evaluators that write files get `workdir` (none written without it)."""
+  metrics = _evaluate(run.evaluators, state, run.periodic_evals, workdir=workdir, step=step)
   writer.write(step, metrics)
   if ckpt.best_metric and metrics:
     if ckpt.best_metric not in metrics:
@@ -339,7 +349,8 @@ def _final_results(config, run, ckpt, workdir, state) -> dict[str, Any]:
     selection = f"final_state ({reason})"
     writer_lib.console(f"Warning: no best checkpoint ({reason}): the final state is evaluated "
                        "and exported.")
-  metrics = _evaluate(run.evaluators, state, predictions_dir=workdir / "predictions")
+  metrics = _evaluate(run.evaluators, state, predictions_dir=workdir / "predictions",
+                      workdir=workdir, step=run.total_steps if best_step is None else best_step)
   what = (f"The best checkpoint (step {best_step})" if best_step is not None else
           f"The final state (step {run.total_steps})")
   export = export_weights(workdir / "export" / "model.npz", state, run.adaptation, what)
