@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fm_adapt.train import finite
+from fm_adapt.train import interrupt
 from fm_adapt.train import loop
 from fm_adapt.train import stacked
 from fm_adapt.train import stacked_loop
@@ -235,3 +236,19 @@ def test_a_run_trained_alone_is_not_stacked(tmp_path, tiny_config):
   loop.train_and_evaluate(configs[1], workdirs[1])
   with pytest.raises(stacked_loop.StackError, match="trained alone"):
     stacked_loop.train_and_evaluate_stacked(configs, workdirs)
+
+
+def test_a_stop_request_saves_the_group_at_that_step(tmp_path, tiny_config, monkeypatch):
+  """Ctrl-C / SIGTERM (a stop request after step 3): the group checkpoint of step 3, each
+  seed's metrics of step 3 written (a resume starts after it), `Stopped` raised."""
+  configs = _configs(tiny_config, "vit", total_steps=6, log_every=5, eval_every=6,
+                     checkpoint_every=6)
+  workdirs = [tmp_path / f"stop-s{s}" for s in SEEDS]
+  monkeypatch.setattr(interrupt.StopOnSignal, "requested", lambda self, step: step == 3)
+  with pytest.raises(interrupt.Stopped) as stopped:
+    stacked_loop.train_and_evaluate_stacked(configs, workdirs)
+  assert stopped.value.step == 3
+  group = tmp_path / "stacked" / "+".join(w.name for w in workdirs)
+  assert sorted(int(p.name) for p in (group / "ckpt").iterdir() if p.name.isdigit()) == [3]
+  for workdir in workdirs:
+    assert [r["step"] for r in writer_lib.read_metrics(workdir) if "train/loss" in r] == [3]
