@@ -101,7 +101,7 @@ def test_frozen_parameters_that_differ_are_stacked():
                               states[2]["frozen"])
 
 
-def _update_fn():
+def _update_fn(grad_accum_steps: int = 1):
   """`step.make_update_fn` of a linear model with dropout on its inputs."""
 
   def apply_fn(params, model_state, images, *, train, rng, mask=None):
@@ -115,7 +115,8 @@ def _update_fn():
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
-  return step_lib.make_update_fn(apply_fn, loss_fn, optax.adam(1e-1), lambda s: 1e-1)
+  return step_lib.make_update_fn(apply_fn, loss_fn, optax.adam(1e-1), lambda s: 1e-1,
+                                 grad_accum_steps=grad_accum_steps)
 
 
 def _batches(seed: int, steps: int) -> list[dict]:
@@ -125,9 +126,13 @@ def _batches(seed: int, steps: int) -> list[dict]:
            "mask": np.arange(8) < 6} for _ in range(steps)]
 
 
-def test_stacked_update_equals_single_updates_and_traces_once():
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_stacked_update_equals_single_updates_and_traces_once(grad_accum_steps):
+  """Also with gradient accumulation (a scan over micro-batches, a `cond` that skips one
+  without real rows: batched, both branches run and the mask selects)."""
+  chex.clear_trace_counter()  # Counted per footprint: the other parameter's trace too.
   mesh = _mesh()
-  update_fn = _update_fn()
+  update_fn = _update_fn(grad_accum_steps)
   keys = [jax.random.key(100 + s, impl="rbg") for s in SEEDS]
   batches = [_batches(s, 3) for s in SEEDS]
   single = step_lib.jit_update(update_fn, _state(0, mesh), mesh)
