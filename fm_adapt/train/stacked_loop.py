@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -77,9 +78,14 @@ class _Group:
 
 
 def default_group_dir(workdirs: Sequence[epath.PathLike]) -> epath.Path:
-  """`<parent of the first workdir>/stacked/<workdir names joined by '+'>`."""
+  """`<parent of the first workdir>/stacked/<workdir names joined by '+'>` (a name too long for
+  a file system: the first name, the count and a hash of all of them)."""
   paths = [files.as_path(w) for w in workdirs]
-  return paths[0].parent / "stacked" / "+".join(p.name for p in paths)
+  name = "+".join(p.name for p in paths)
+  if len(name) > 200:
+    digest = hashlib.sha256("\n".join(os.fspath(p) for p in paths).encode()).hexdigest()[:12]
+    name = f"{paths[0].name[:100]}+{len(paths) - 1}_more_{digest}"
+  return paths[0].parent / "stacked" / name
 
 
 def check_stackable(configs: Sequence[ml_collections.ConfigDict],

@@ -252,3 +252,13 @@ def test_a_stop_request_saves_the_group_at_that_step(tmp_path, tiny_config, monk
   assert sorted(int(p.name) for p in (group / "ckpt").iterdir() if p.name.isdigit()) == [3]
   for workdir in workdirs:
     assert [r["step"] for r in writer_lib.read_metrics(workdir) if "train/loss" in r] == [3]
+
+
+def test_default_group_dir_names_the_runs():
+  short = stacked_loop.default_group_dir(["/s/lora-s0", "/s/lora-s1"])
+  assert str(short) == "/s/stacked/lora-s0+lora-s1"
+  many = [f"/s/{'x' * 60}-s{seed}" for seed in range(10)]
+  long_dir = stacked_loop.default_group_dir(many)
+  assert long_dir.parent == pathlib.Path("/s/stacked") and len(long_dir.name) < 200
+  assert long_dir.name.startswith(f"{'x' * 60}-s0+9_more_")
+  assert long_dir != stacked_loop.default_group_dir(many[:9] + ["/s/other-s9"])
