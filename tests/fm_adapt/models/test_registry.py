@@ -38,9 +38,9 @@ def test_model_fields():
   # Architecture options only (the foundation-model families are configuration of one ViT);
   # no adaptation fields: prompts and adapters attach from fm_adapt.adapt by interception.
   assert {'num_classes', 'variant', 'pool_type', 'posemb', 'dropout', 'head_zeroinit',
-          'dtype', 'remat', 'class_token', 'num_registers', 'layerscale', 'pre_norm',
-          'patch_bias', 'mlp_act', 'ln_epsilon', 'fc_norm', 'proj_dim', 'posemb_grid',
-          'posemb_resize'} == set(vit_fields)
+          'dtype', 'remat', 'class_token', 'class_posemb', 'num_registers', 'layerscale',
+          'pre_norm', 'patch_bias', 'mlp_act', 'ln_epsilon', 'fc_norm', 'proj_dim',
+          'posemb_grid', 'posemb_resize'} == set(vit_fields)
   assert not {'prompt', 'prompts', 'adapter', 'adapters', 'lora'} & set(vit_fields)
   assert not {'prompt', 'adapter'} & set(models.model_fields(models.efficientnet.Model))
 
