@@ -230,6 +230,6 @@ def grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, tuple[float, flo
     if ylim is not None:
       ax.set_ylim(*ylim)
     ax.grid(True, axis="y", alpha=0.3)
-    _legend(ax, fontsize=6)
+    _legend(ax, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
   fig.suptitle(title, fontsize=10)
   return _png(fig)
