@@ -1,7 +1,8 @@
 """The foundation-model options of fm_adapt.models.vit (LayerScale, registers, ln_pre, QuickGELU,
 fc_norm, projection, bias-free patch embedding, a stored position grid, the class token's own
-position embedding) against an independent numpy forward, their parameter trees, and their configuration errors. The reference libraries'
-own models are the oracle in tests/fm_adapt/weights/test_fm_oracles.py."""
+position embedding) against an independent numpy forward, their parameter trees, and their
+configuration errors. The reference libraries' own models are the oracle in
+tests/fm_adapt/weights/test_fm_oracles.py."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
