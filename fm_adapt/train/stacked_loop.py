@@ -364,7 +364,7 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
       for k in range(len(group.seeds)):
         loop._evaluate_periodic(  # pylint: disable=protected-access
             step, stacked.unstack_state(state, group.axes, k), group.runs[k], group.ckpts[k],
-            group.writers[k], bars[k])
+            group.writers[k], bars[k], group.workdirs[k])
     if save:
       group.ckpt.save(step, state_lib.checkpointed(state), group.data_state(), iterator)
     if evaluate or save:
