@@ -1,5 +1,6 @@
 """`.pth` files are read only with a torch whose `torch.load(weights_only=True)` has no known
 bypass: torch >= 2.6 (CVE-2025-32434). Older versions are refused before `torch.load` runs."""
+import contextlib
 import sys
 import types
 
@@ -21,6 +22,8 @@ def _fake_torch(version: str) -> types.ModuleType:
     raise _LoadReached(version)
 
   torch.load = load
+  # torch >= 2.5 has `torch.serialization.safe_globals` (readers allows argparse.Namespace).
+  torch.serialization = types.SimpleNamespace(safe_globals=lambda allowed: contextlib.nullcontext())
   return torch
 
 
