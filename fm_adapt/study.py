@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from fm_adapt import process_flags, study_plan
 from fm_adapt.report import study_index
 from fm_adapt.report import tables
-from fm_adapt.train import files, interrupt, loop
+from fm_adapt.train import files, interrupt, loop, stacked_loop
 from fm_adapt.train import workdir as workdir_lib, writer as writer_lib
 
 METRICS = tables.STUDY_METRICS
@@ -149,7 +149,7 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
               train: Callable[..., dict] = loop.train_and_evaluate,
               overrides: Mapping[str, Any] | None = None,
               allow_harmless_changes: bool = False, only: str | None = None,
-              dry_run: bool = False) -> str:
+              dry_run: bool = False, stack_seeds: bool = False) -> str:
   """Trains every run of a study that has not finished, then writes and returns the table.
 
   A run that fails is recorded in `<run dir>/failure.json` (error and traceback) and the others
@@ -167,6 +167,10 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
     only: a regex; only the runs whose `<name>-s<seed>` it matches (re.search) train and are
       tabulated. A regex matching no run is an error listing the runs.
     dry_run: print the plan (runs, steps, a measured step, estimated time) and train nothing.
+    stack_seeds: train the unfinished seeds of each run name as one program (the state stacked
+      on a leading axis, the update vmapped: `stacked_loop.train_and_evaluate_stacked`), each
+      seed's results as if run alone; a group that cannot stack (`StackError`) trains run by
+      run, saying why.
 
   Raises:
     StudyFailed: after the table is written, when some runs failed.
@@ -189,14 +193,25 @@ def run_study(spec: str, workdir: epath.PathLike, data_dir: str | None = None,
   full_results: dict[str, list[dict]] = {}
   configs: dict[str, ml_collections.ConfigDict] = {}
   failed: dict[str, str] = {}
+  stacked_results: dict[str, dict] = {}
   for index, run in enumerate(runs):
     run_dir = workdir / run.dirname
     done = run_dir / "results.json"
+    if run.dirname in failed:
+      continue  # Its seed group failed: recorded with the group.
+    if stack_seeds and run.dirname not in stacked_results and not done.exists():
+      stacked_results.update(_train_stacked_group(
+          module, arg, runs, run, workdir, overrides, data_dir, allow_harmless_changes, failed,
+          first))
+      if run.dirname in failed:
+        continue
     try:
       with workdir_lib.lock(run_dir, owner=first):
         config = run_config(module, arg, run, workdir, overrides)
         configs.setdefault(run.name, config)
-        if done.exists():
+        if run.dirname in stacked_results:
+          result = stacked_results[run.dirname]
+        elif done.exists():
           workdir_lib.check_config(run_dir, config, allow_harmless_changes, write=False)
           writer_lib.console(f"[{index + 1}/{len(runs)}] {run.dirname}: done, skipped")
           result = json.loads(done.read_text())
@@ -232,6 +247,38 @@ def _check_run_references(runs: Sequence[RunSpec], configs: Sequence[ml_collecti
       raise FileNotFoundError(f"Run {run.dirname}: model_init={init!r}, but run {ref!r} has no "
                               "export yet and is not earlier in the sweep; add it to the sweep "
                               "before the runs that start from it.")
+
+
+def _train_stacked_group(module: Any, arg: str | None, runs: Sequence[RunSpec], run: RunSpec,
+                         workdir: epath.Path, overrides: Mapping[str, Any] | None,
+                         data_dir: str | None, allow_harmless_changes: bool,
+                         failed: dict[str, str], first: bool) -> dict[str, dict]:
+  """Trains the unfinished seeds of `run.name` as one program; {dirname: results}. A group that
+  cannot stack returns {} (its runs train one by one); a group that fails is recorded in
+  `failed` and in every seed's failure.json."""
+  group = [r for r in runs if r.name == run.name
+           and not (workdir / r.dirname / "results.json").exists()
+           and not stacked_loop.trained_alone(workdir / r.dirname)]
+  if len(group) < 2:
+    return {}
+  dirs = [workdir / r.dirname for r in group]
+  try:
+    configs = [run_config(module, arg, r, workdir, overrides) for r in group]
+    stacked_loop.check_stackable(configs, dirs)
+  except stacked_loop.StackError as error:
+    writer_lib.console(f"{run.name}: the seeds train one by one ({error})")
+    return {}
+  names = ", ".join(r.dirname for r in group)
+  writer_lib.console(f"{names}: training as one program ({len(group)} seeds stacked)")
+  try:
+    results = stacked_loop.train_and_evaluate_stacked(configs, dirs, data_dir,
+                                                      allow_harmless_changes)
+  except Exception as error:  # pylint: disable=broad-except  (KeyboardInterrupt stops all)
+    for r, run_dir in zip(group, dirs):
+      failed[r.dirname] = _record_failure(run_dir, error, first)
+    writer_lib.console(f"{names}: FAILED ({failed[group[0].dirname]}); the study goes on.")
+    return {}
+  return {r.dirname: result for r, result in zip(group, results)}
 
 
 class StudyFailed(RuntimeError):
@@ -366,6 +413,9 @@ _ONLY = flags.DEFINE_string(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the plan (runs, steps, a measured step, estimated time); train "
     "nothing.")
+_STACK_SEEDS = flags.DEFINE_bool(
+    "stack_seeds", False, "Train the seeds of each run name as one jitted program (vmapped "
+    "update, one checkpoint), each seed's results as if run alone.")
 _ALLOW_HARMLESS = flags.DEFINE_bool(
     "allow_harmless_changes", False,
     "On resume, accept config changes of " + ", ".join(workdir_lib.HARMLESS_KEYS) + ".")
@@ -381,7 +431,7 @@ def main(argv) -> None:
     table = run_study(config_flags.get_config_filename(config_flag), _WORKDIR.value,
                       _DATA_DIR.value, overrides=config_flags.get_override_values(config_flag),
                       allow_harmless_changes=_ALLOW_HARMLESS.value, only=_ONLY.value,
-                      dry_run=_DRY_RUN.value)
+                      dry_run=_DRY_RUN.value, stack_seeds=_STACK_SEEDS.value)
   except StudyFailed as error:
     print(error.table, flush=True)
     interrupt.exit_with_error(error)

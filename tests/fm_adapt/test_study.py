@@ -325,3 +325,35 @@ def test_dry_run_measures_a_step_and_trains_nothing(tmp_path, tiny_experiment):
   assert rows[1][3] == rows[2][3]  # One training program: measured once.
   assert "3 runs (0 done), 2 distinct training programs measured" in plan
   assert not (tmp_path / "s" / "base-s0").exists()
+
+
+_SEEDS = """
+    def sweep(add, arg=None):
+      add(name="a", seed=0)
+      add(name="a", seed=1)
+      add(name="b", seed=0, lr=0.01)
+      add(name="b", seed=1, lr=0.02)
+"""
+
+
+def test_stack_seeds_trains_each_names_seeds_as_one_program(tmp_path, tiny_experiment, capsys):
+  exp = tiny_experiment(_SEEDS)
+  trained = []
+  markdown = study.run_study(str(exp), tmp_path / "s", stack_seeds=True,
+                             train=lambda config, run_dir, *a: (trained.append(run_dir.name),
+                                                                _FAKE)[1])
+  # a: stacked (one group checkpoint, a results.json per seed); b: seeds differ beyond the seed.
+  assert trained == ["b-s0", "b-s1"]
+  assert sorted(p.name for p in (tmp_path / "s" / "stacked").iterdir()) == ["a-s0+a-s1"]
+  for seed in (0, 1):
+    result = json.loads((tmp_path / "s" / f"a-s{seed}" / "results.json").read_text())
+    assert result["seed"] == seed and result["stacked"]["seeds"] == [0, 1]
+  assert "| a | 2 |" in markdown and "| b | 2 |" in markdown
+  err = capsys.readouterr().err
+  assert "a-s0, a-s1: training as one program (2 seeds stacked)" in err
+  assert "b: the seeds train one by one" in err and "lr" in err
+  # The stacked seeds finished (the fake `train` of b wrote no results.json: b trains again).
+  trained.clear()
+  study.run_study(str(exp), tmp_path / "s", stack_seeds=True,
+                  train=lambda config, run_dir, *a: (trained.append(run_dir.name), _FAKE)[1])
+  assert trained == ["b-s0", "b-s1"]
