@@ -1,6 +1,5 @@
 """experiments/adaptation_study.py: the plan it sweeps, its arguments, its report, and (with the
 real MedMNIST files and weights) a runlocal study end to end."""
-import importlib.util
 import json
 import math
 import pathlib
@@ -14,10 +13,7 @@ FILE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "adaptation
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("adaptation_study_under_test", FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(FILE))[0]  # A fresh import: nothing cached.
 
 
 def test_full_plan_is_strategy_x_fraction_x_dataset_x_seed():

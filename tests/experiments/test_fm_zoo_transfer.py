@@ -2,7 +2,6 @@
 found -> one run per strategy with the catalogue's model, loader and normalisation; and a whole
 runlocal study from a (reduced) RETFound checkpoint on the real RetinaMNIST."""
 import dataclasses
-import importlib.util
 import pathlib
 
 import numpy as np
@@ -16,10 +15,7 @@ FILE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "fm_zoo_tra
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("fm_zoo_transfer_under_test", FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(FILE))[0]  # A fresh import: nothing cached.
 
 
 def test_no_weights_exits_cleanly_saying_what_it_looked_for(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,11 @@
 """experiments/peft_quick.py: its arguments parsed once, an explicit loss, valid strategies."""
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from fm_adapt import study
 from fm_adapt import config as config_lib
 from fm_adapt import models
 from fm_adapt.adapt import compose
@@ -17,10 +17,7 @@ FILE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "peft_quick
 
 def _load():
   """A fresh import of the experiment file (nothing cached from another test)."""
-  spec = importlib.util.spec_from_file_location("peft_quick_under_test", FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(FILE))[0]  # A fresh import: nothing cached.
 
 
 def _runs(module, arg):
