@@ -236,6 +236,27 @@ def _check_finite(step: int, measurements: Mapping[str, Any], ckpt: ckpt_lib.Run
   finite.check_measurements(step, measurements, workdir, last_checkpoint)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """How often a run logs, evaluates and saves (in steps; 0 in the config: once per epoch)."""
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, run: build.Run) -> "Cadence":
+    return cls(config.get("log_every", 50) or 50,
+               config.get("eval_every", 0) or run.steps_per_epoch,
+               config.get("checkpoint_every", 0) or run.steps_per_epoch)
+
+  def actions(self, step: int, total: int, stop: interrupt.StopOnSignal
+              ) -> tuple[bool, bool, bool, bool]:
+    """(stopping, log, evaluate, save) at `step` of `total`: the last step does all three."""
+    last = step == total
+    return (stop.requested(step) and not last, step % self.log_every == 0 or last,
+            step % self.eval_every == 0 or last, step % self.ckpt_every == 0 or last)
+
+
 def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: int, bar,
                  stop: interrupt.StopOnSignal, workdir: epath.Path,
                  step_timer: costs_lib.StepTimer) -> dict[str, Any]:
@@ -246,9 +267,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
   its step, and tells `step_timer` it is done (no wait is added for timing).
   """
   total = run.total_steps
-  log_every = config.get("log_every", 50) or 50
-  eval_every = config.get("eval_every", 0) or run.steps_per_epoch
-  ckpt_every = config.get("checkpoint_every", 0) or run.steps_per_epoch
+  cadence = Cadence.of(config, run)
   previous = None  # (step, measurements) of the step before.
   timer = (time.perf_counter(), start)
   for step in range(start + 1, total + 1):
@@ -259,10 +278,7 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       step_timer.done(previous[0])
     previous = (step, measurements)
     bar.update(1)
-    stopping = stop.requested(step) and step < total
-    log = step % log_every == 0 or step == total
-    evaluate = step % eval_every == 0 or step == total
-    save = step % ckpt_every == 0 or step == total
+    stopping, log, evaluate, save = cadence.actions(step, total, stop)
     if stopping or log or evaluate or save:
       _check_finite(step, measurements, ckpt, workdir)
       step_timer.done(step)

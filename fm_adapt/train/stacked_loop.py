@@ -330,9 +330,7 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
   are timed as there (`step_timer`), a step being one step of every seed."""
   config, run = group.configs[0], group.runs[0]
   total = run.total_steps
-  log_every = config.get("log_every", 50) or 50
-  eval_every = config.get("eval_every", 0) or run.steps_per_epoch
-  ckpt_every = config.get("checkpoint_every", 0) or run.steps_per_epoch
+  cadence = loop.Cadence.of(config, run)
   postfix: dict[str, Any] = {}
   bars = [_SeedBar(bar, seed, postfix) for seed in group.seeds]
   timers = [(time.perf_counter(), start)] * len(group.seeds)
@@ -345,10 +343,7 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
       step_timer.done(previous[0])
     previous = (step, measurements)
     bar.update(1)
-    stopping = stop.requested(step) and step < total
-    log = step % log_every == 0 or step == total
-    evaluate = step % eval_every == 0 or step == total
-    save = step % ckpt_every == 0 or step == total
+    stopping, log, evaluate, save = cadence.actions(step, total, stop)
     if stopping or log or evaluate or save:
       _check_finite(group, step, measurements)
       step_timer.done(step)
