@@ -1,7 +1,6 @@
 """experiments/fm_transfer.py: the plan (pretraining runs first, then initialisation x strategy
 x dataset x seed), arguments, the report on fake rows, and (with the real MedMNIST files) a
 runlocal study that pretrains, adapts the export and writes the table and picture."""
-import importlib.util
 import io
 import json
 import math
@@ -19,10 +18,7 @@ PRETRAIN = FILE.with_name("mim_pretrain.py")
 
 
 def _load(path=FILE):
-  spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(path))[0]  # A fresh import: nothing cached.
 
 
 def test_full_plan_pretrains_each_objective_then_adapts_every_init(tmp_path):

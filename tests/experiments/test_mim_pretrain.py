@@ -1,7 +1,6 @@
 """experiments/mim_pretrain.py: the config of each objective, mask, size and variant, argument
 errors, and (with the real MedMNIST files) a runlocal pretraining whose pictures are written
 and whose export loads into the classification ViT."""
-import importlib.util
 import json
 import pathlib
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from fm_adapt import study
 from fm_adapt import models
 from fm_adapt.train import loop
 from fm_adapt.train import model_fns
@@ -18,10 +18,7 @@ FILE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "mim_pretra
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("mim_pretrain_under_test", FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(FILE))[0]  # A fresh import: nothing cached.
 
 
 def test_mae_defaults_follow_the_mae_recipe():

@@ -241,9 +241,12 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, tiny_experiment
   trained = []
 
   def train(config, run_dir, *args):
+    """Fails for bad-s0; else writes config.json and results.json as a finished run does."""
     trained.append(run_dir.name)
     if run_dir.name == "bad-s0":
       raise RuntimeError("diverged\nat step 3")
+    workdir_lib.check_config(run_dir, config, False, write=True)
+    (run_dir / "results.json").write_text(json.dumps(_FAKE))
     return _FAKE
 
   with pytest.raises(study.StudyFailed, match=r"(?s)1 of 3 runs failed .*bad-s0: RuntimeError: "
@@ -256,7 +259,7 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, tiny_experiment
   assert "| bad |" not in failure.value.table
   index = (tmp_path / "s" / "index.md").read_text()
   assert "## Failed runs" in index and "bad-s0/failure.json" in index
-  # A rerun retries only the failed run.
+  # A rerun retries only the failed run (the finished ones are skipped).
   trained.clear()
   study.run_study(str(exp), tmp_path / "s",
                   train=lambda config, run_dir, *a: (trained.append(run_dir.name), _FAKE)[1])
