@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
+from fm_adapt.train import files
+
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
@@ -69,11 +71,8 @@ def write_predictions(path: str | os.PathLike, labels: np.ndarray, probs: np.nda
   for i, (label, scores) in enumerate(zip(labels, probs)):
     label_cells = [int(v) for v in np.atleast_1d(label)]
     writer.writerow([i, *label_cells, *(repr(float(s)) for s in scores)])
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(text.getvalue())
-  tmp.replace(path)
+  path = files.as_path(path)
+  files.write_text(path, text.getvalue())  # Whole or not at all, locally or on gs://.
   return path
 
 

@@ -19,6 +19,7 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 
 from fm_adapt.evaluators import calibration
+from fm_adapt.train import files
 
 Arrays = np.ndarray | Sequence[np.ndarray]
 
@@ -95,9 +96,7 @@ def plot_reliability(confidences: Arrays, correct: Arrays, path: str | os.PathLi
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
+  path = files.as_path(path)
+  with files.whole_file(path) as f:  # Whole or not at all, locally or on gs://.
+    f.write(buffer.getvalue())
   return path
