@@ -55,3 +55,16 @@ def test_report_puts_paper_numbers_beside_mean_and_std():
   line = next(l for l in table.splitlines() if l.startswith("| breastmnist"))
   assert line == ("| breastmnist | 0.890 ± 0.014 | 0.901 | 0.820 ± 0.028 | 0.863 | 0.850 | 0.857 "
                   "| – | 0.812 |")
+
+
+def test_runlocal_study_on_real_breastmnist(shared_data_dir, tmp_path):
+  workdir = tmp_path / "table"
+  study.run_study(f"{FILE}:runlocal=True,flags=breastmnist,models=resnet18_28,seeds=1,"
+                  f"data_dir={shared_data_dir}", workdir, data_dir=str(shared_data_dir))
+  result = (workdir / "breastmnist_resnet18_28-s0" / "results.json").read_text()
+  assert '"test/auc"' in result
+  table = (workdir / "medmnist_v2_table.md").read_text()
+  line = next(l for l in table.splitlines() if l.startswith("| breastmnist"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[2] == "0.901" and cells[4] == "0.863" and cells[1] != "–"  # Ours beside the paper.
+  assert "[medmnist_v2_table.md](medmnist_v2_table.md)" in (workdir / "index.md").read_text()
