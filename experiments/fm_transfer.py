@@ -42,7 +42,6 @@ pretraining on BreastMNIST's training images, a few steps each, one seed).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import pathlib
 import re
@@ -53,6 +52,7 @@ import ml_collections
 
 from data_pipelines import medmnist
 from fm_adapt import config as config_lib
+from fm_adapt import study
 from fm_adapt.adapt import compose
 from fm_adapt.report import plots
 
@@ -82,11 +82,7 @@ METRICS = ("test/auc", "test/acc", "val/auc", "recon/loss")
 
 def _pretrain_module() -> Any:
   """`experiments/mim_pretrain.py`, loaded by path."""
-  path = pathlib.Path(__file__).with_name("mim_pretrain.py")
-  spec = importlib.util.spec_from_file_location("experiment_mim_pretrain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(pathlib.Path(__file__).with_name("mim_pretrain.py")))[0]
 
 
 def _subset(value: str, valid: Sequence[str], what: str) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ runlocal (a seconds-long smoke run of each).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ import ml_collections
 from data_pipelines import data_dir as data_dir_lib
 from data_pipelines import medmnist
 from fm_adapt import config as config_lib
+from fm_adapt import study
 
 MODELS = ("resnet18_28", "resnet50_28")
 # Test (AUC, ACC) of Table 2 of Yang et al. 2023 (single runs).
@@ -49,11 +49,7 @@ PAPER = {
 
 def _protocol() -> Any:
   """The single-run protocol module, `experiments/medmnist_v2.py` (loaded by path)."""
-  path = pathlib.Path(__file__).with_name("medmnist_v2.py")
-  spec = importlib.util.spec_from_file_location("experiment_medmnist_v2", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return study.load_experiment(str(pathlib.Path(__file__).with_name("medmnist_v2.py")))[0]
 
 
 def _args(arg: str | None) -> ml_collections.ConfigDict:
