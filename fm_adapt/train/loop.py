@@ -284,12 +284,12 @@ def _train_steps(config, run, update_fn, state, iterator, ckpt, writer, start: i
       step_timer.done(step)
     if log or stopping:  # The stopping step's metrics are written: a resume starts after it.
       timer = _log_train(step, measurements, timer, run, writer, bar)
+    if evaluate:  # Also when stopping: a resume starts after this step and must not skip it.
+      _evaluate_periodic(step, state, run, ckpt, writer, bar, workdir)
     if stopping:
       ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
       ckpt.wait()
       raise interrupt.Stopped(step, stop.signum)
-    if evaluate:
-      _evaluate_periodic(step, state, run, ckpt, writer, bar, workdir)
     if save:
       ckpt.save(step, state_lib.checkpointed(state), _data_state(run), iterator)
     if evaluate or save:

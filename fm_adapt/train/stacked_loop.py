@@ -351,15 +351,15 @@ def _train_steps(group: _Group, update, rngs, state, iterator, start: int, bar,
       for k, values in enumerate(_seed_measurements(measurements)):
         timers[k] = loop._log_train(  # pylint: disable=protected-access
             step, values, timers[k], group.runs[k], group.writers[k], bars[k])
-    if stopping:
-      group.ckpt.save(step, state_lib.checkpointed(state), group.data_state(), iterator)
-      group.ckpt.wait()
-      raise interrupt.Stopped(step, stop.signum)
-    if evaluate:
+    if evaluate:  # Also when stopping: a resume starts after this step and must not skip it.
       for k in range(len(group.seeds)):
         loop._evaluate_periodic(  # pylint: disable=protected-access
             step, stacked.unstack_state(state, group.axes, k), group.runs[k], group.ckpts[k],
             group.writers[k], bars[k], group.workdirs[k])
+    if stopping:
+      group.ckpt.save(step, state_lib.checkpointed(state), group.data_state(), iterator)
+      group.ckpt.wait()
+      raise interrupt.Stopped(step, stop.signum)
     if save:
       group.ckpt.save(step, state_lib.checkpointed(state), group.data_state(), iterator)
     if evaluate or save:

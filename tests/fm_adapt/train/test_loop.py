@@ -28,6 +28,7 @@ import sklearn.metrics
 
 from fm_adapt.evaluators import metrics as metrics_lib
 from fm_adapt.train import build
+from fm_adapt.train import interrupt
 from fm_adapt.train import loop
 from fm_adapt.train import workdir as workdir_lib
 from fm_adapt.train import writer as writer_lib
@@ -231,6 +232,28 @@ def _diverge_from(monkeypatch, bad_step: int) -> None:
     return run
 
   monkeypatch.setattr(loop.build, "build_run", build_run)
+
+
+def test_a_stop_at_an_evaluation_step_evaluates_it_before_saving(tmp_path, tiny_config,
+                                                                 monkeypatch):
+  """A stop request at a step that is due an evaluation runs it first: the resume starts after
+  that step, so a skipped evaluation would be lost and could change the best checkpoint (the
+  first of equal validation scores is kept)."""
+  config = tiny_config()  # Evaluates at steps 2 and 4.
+  reference = loop.train_and_evaluate(config, tmp_path / "reference")
+  workdir = tmp_path / "stopped"
+  with monkeypatch.context() as patch:
+    patch.setattr(interrupt.StopOnSignal, "requested", lambda self, step: step == 2)
+    with pytest.raises(interrupt.Stopped):
+      loop.train_and_evaluate(config, workdir)
+  assert [r["step"] for r in writer_lib.read_metrics(workdir) if "val/auc" in r] == [2]
+  resumed = loop.train_and_evaluate(config, workdir)
+  assert resumed["resumed_from_step"] == 2
+  evaluated = [[r["step"] for r in writer_lib.read_metrics(w) if "val/auc" in r]
+               for w in (workdir, tmp_path / "reference")]
+  assert evaluated == [[2, 4], [2, 4]]
+  assert resumed["best_step"] == reference["best_step"]
+  assert resumed["metrics"] == reference["metrics"]
 
 
 def test_non_finite_state_is_never_saved_and_resume_starts_before_it(

@@ -252,6 +252,19 @@ def test_a_stop_request_saves_the_group_at_that_step(tmp_path, tiny_config, monk
   assert sorted(int(p.name) for p in (group / "ckpt").iterdir() if p.name.isdigit()) == [3]
   for workdir in workdirs:
     assert [r["step"] for r in writer_lib.read_metrics(workdir) if "train/loss" in r] == [3]
+    assert not [r for r in writer_lib.read_metrics(workdir) if "val/auc" in r]
+
+
+def test_a_stop_at_an_evaluation_step_evaluates_each_seed_before_saving(tmp_path, tiny_config,
+                                                                       monkeypatch):
+  """The resume starts after the stopping step: its due evaluation must not be skipped."""
+  configs = _configs(tiny_config, "vit", total_steps=4, eval_every=2, checkpoint_every=4)
+  workdirs = [tmp_path / f"s{s}" for s in SEEDS]
+  monkeypatch.setattr(interrupt.StopOnSignal, "requested", lambda self, step: step == 2)
+  with pytest.raises(interrupt.Stopped):
+    stacked_loop.train_and_evaluate_stacked(configs, workdirs)
+  for workdir in workdirs:
+    assert [r["step"] for r in writer_lib.read_metrics(workdir) if "val/auc" in r] == [2]
 
 
 def test_default_group_dir_names_the_runs():
