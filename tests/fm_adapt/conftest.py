@@ -179,6 +179,13 @@ class ProcessGroup:
   def log(self, i: int) -> str:
     return self._log_path(i).read_text()
 
+  def tail(self, i: int, chars: int = 4000) -> str:
+    """The end of process i's log for a failure message, without the list of loaded extension
+    modules that a fatal error appends (it would hide the error itself)."""
+    lines = [line for line in self.log(i).splitlines()
+             if not line.startswith("Extension modules:")]
+    return "\n".join(lines)[-chars:]
+
   def wait(self, timeout_s: float = 600) -> list[int]:
     """Waits for every process; returns their exit statuses (a timeout kills them and fails)."""
     deadline = time.time() + timeout_s
@@ -188,7 +195,7 @@ class ProcessGroup:
       except subprocess.TimeoutExpired:
         self.kill()
         pytest.fail("processes did not finish in time; logs:\n" +
-                    "\n".join(self.log(i)[-3000:] for i in range(len(self.procs))))
+                    "\n".join(self.tail(i) for i in range(len(self.procs))))
     return [p.returncode for p in self.procs]
 
   def kill(self) -> None:

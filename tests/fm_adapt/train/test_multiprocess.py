@@ -68,7 +68,7 @@ def _wait_for(path: pathlib.Path, group, timeout_s: float = 600) -> None:
   deadline = time.time() + timeout_s
   while not path.exists():
     ended = [i for i, p in enumerate(group.procs) if p.poll() is not None]
-    assert not ended, f"process {ended} ended before {path}:\n{group.log(ended[0])[-3000:]}"
+    assert not ended, f"process {ended} ended before {path}:\n{group.tail(ended[0])}"
     assert time.time() < deadline, f"{path} did not appear"
     time.sleep(0.05)
 
@@ -122,7 +122,7 @@ def test_preempted_two_process_run_resumes_exactly(tmp_path, tiny_experiment, ti
   step = _preempt(process_group, args, workdir, signalled)
   process_group.start("fm_adapt.main", args)
   statuses = process_group.wait()
-  assert statuses == [0, 0], [process_group.log(i)[-3000:] for i in range(2)]
+  assert statuses == [0, 0], [process_group.tail(i) for i in range(2)]
   assert f"Resuming from {workdir / 'ckpt'}/{step}" in process_group.log(0)
   if layout == "fsdp_from_pretrained":
     assert "mesh {'data': 1, 'fsdp': 4}" in process_group.log(0)

@@ -59,7 +59,7 @@ def test_two_processes_on_a_fresh_data_dir_build_it_once_and_train(tmp_path, tin
           f"--config.input.data.tfds_dir={tfds_dir}"]
   process_group.start("fm_adapt.main", args)
   statuses = process_group.wait()
-  assert statuses == [0, 0], [process_group.log(i)[-3000:] for i in range(2)]
+  assert statuses == [0, 0], [process_group.tail(i) for i in range(2)]
   built = [p.relative_to(tfds_dir) for p in tfds_dir.glob("*/*/*")]
   assert len(built) == 1 and not built[0].name.startswith("incomplete"), built
 
