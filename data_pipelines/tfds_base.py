@@ -10,15 +10,23 @@ here:
   * `_info` returns `DatasetInfo` (ours): TFDS's own makes an empty `tmp*tfds` folder in the
     temporary directory every time a builder of an unbuilt dataset is made (to fetch metadata
     from its GCS bucket, which never holds our datasets) and never removes it.
-A failed build leaves nothing behind (see `prepare`).
+A failed build leaves nothing behind (see `prepare`). Processes of one host that build the same
+dataset at once (runs of a sweep started together) take turns: the first builds, the others then
+find it built.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
+
+from data_pipelines import data_dir as data_dir_lib
 
 FILE_FORMAT = 'array_record'
 
@@ -67,6 +75,43 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """
   if builder.is_prepared():
     return
+  with _host_build_lock(builder):
+    if not builder.is_prepared():  # Another process of this host may have built it meanwhile.
+      _build(builder)
+
+
+@contextlib.contextmanager
+def _host_build_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds an exclusive lock on this dataset among the processes of this host.
+
+  Two processes building one dataset race (each renames its own `incomplete.*` folder onto the
+  same version folder; all but the first fail). The lock file lives in the per-user cache
+  (`<cache_root>/locks/`), named by a hash of the dataset's folder, so nothing is left in the
+  data or temporary directory. Remote folders (`gs://`) are not locked: there the processes of a
+  job build once by coordination. Where no lock file can be made the build goes on unlocked.
+  """
+  data_dir = os.fspath(builder.data_dir)
+  if '://' in data_dir:
+    yield
+    return
+  digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+  path = data_dir_lib.cache_root() / 'locks' / f'tfds_build_{digest}.lock'
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+  except OSError:
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(builder: tfds.core.DatasetBuilder) -> None:
+  """Builds the dataset; on any error removes the folders this build created."""
   new_dirs = _new_dirs(builder)
   try:
     with tempfile.TemporaryDirectory(prefix='fm_adapt_tfds_downloads_') as download_dir:

@@ -1,5 +1,11 @@
-"""Tests of data_pipelines.tfds_base: builds leave no temporary folders behind, failed or not."""
+"""Tests of data_pipelines.tfds_base: builds leave no temporary folders behind, failed or not,
+and processes of one host that build one dataset at once take turns."""
+import os
+import pathlib
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +14,8 @@ from PIL import Image
 from data_pipelines import custom
 from data_pipelines import medmnist
 from data_pipelines import tfds_base
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -86,3 +94,39 @@ def test_a_builder_must_use_our_dataset_info(tmp_path, temp_dir):  # TFDS litter
 
   with pytest.raises(TypeError, match='must return tfds_base.DatasetInfo'):
     Plain(data_dir=tmp_path)
+
+
+_BUILD_SCRIPT = '''
+import pathlib, sys, time
+from data_pipelines import custom, tfds_base
+images, tfds_dir, go = sys.argv[1:]
+generate = custom.ImageFolder._generate_examples
+def slow(self, *args, **kwargs):  # Long enough for the two builds to overlap.
+  for example in generate(self, *args, **kwargs):
+    time.sleep(0.2)
+    yield example
+custom.ImageFolder._generate_examples = slow
+config = custom.image_folder_config(pathlib.Path(images), 8, 1, {'train': 1.0})
+builder = custom.ImageFolder(config=config, data_dir=tfds_dir)
+while not pathlib.Path(go).exists():
+  time.sleep(0.01)
+tfds_base.prepare(builder)
+print(custom.ImageFolder(config=config, data_dir=tfds_dir).info.splits['train'].num_examples)
+'''
+
+
+def test_two_processes_building_one_dataset_take_turns(tmp_path):
+  """Runs of a sweep started together on one host: one builds, the other finds it built."""
+  image_folder(tmp_path / 'images')
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+  go, tfds_dir = tmp_path / 'go', tmp_path / 'tfds'
+  procs = [subprocess.Popen([sys.executable, '-c', _BUILD_SCRIPT, str(tmp_path / 'images'),
+                             str(tfds_dir), str(go)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  time.sleep(1)
+  go.touch()
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+  assert [out.split()[-1] for out, _ in outputs] == ['6', '6']
+  assert not list(tfds_dir.rglob('incomplete*'))
+  assert list((tmp_path / 'cache' / 'fm_adapt' / 'locks').glob('tfds_build_*.lock'))
