@@ -8,6 +8,8 @@ training images, `pretrain_steps` steps), and the runs that adapt it start from 
 starts fresh). Then every initialisation
 
   scratch    the same ViT at random initialisation
+  foundation fm_adapt's foundation model kept in the repository (`fm_adapt.foundation`: MAE,
+             700 steps of batch 128; no pretraining run, and always a ViT-Ti/4)
   simmim, mae, frequency, deblur    the export of `pretrain_<objective>`
 
 is adapted with every strategy
@@ -52,12 +54,14 @@ import ml_collections
 
 from data_pipelines import medmnist
 from fm_adapt import config as config_lib
+from fm_adapt import foundation
 from fm_adapt import study
 from fm_adapt.adapt import compose
 from fm_adapt.report import plots
 
 DATASETS = ("pneumoniamnist", "breastmnist", "retinamnist")
-INITS = ("scratch", "simmim", "mae", "frequency", "deblur")
+INITS = ("scratch", "foundation", "simmim", "mae", "frequency", "deblur")
+PRETRAINED_HERE = ("simmim", "mae", "frequency", "deblur")  # Each a `pretrain_<init>` run.
 SCHED = dict(decay_type="cosine", warmup_percent=0.1)
 BATCH = 128
 STRATEGIES = {
@@ -183,6 +187,16 @@ def total_steps(flag: str, epochs: float, min_steps: int) -> int:
   return max(min_steps, math.ceil(epochs * math.ceil(n / BATCH)))
 
 
+def _init_overrides(init: str, base: Mapping[str, Any]) -> dict[str, Any]:
+  """The overrides that start an adaptation run from `init`."""
+  if init == "scratch":
+    return {}
+  if init == "foundation":
+    model = {} if base["model"] == foundation.MODEL else {"model": dict(foundation.MODEL)}
+    return {"model_init": foundation.path(), **model}
+  return {"model_init": f"run:pretrain_{init}"}
+
+
 def sweep(add, arg: str | None = None) -> None:
   """`pretrain_<objective>` (seed 0) for each MIM init, then `<flag>_<init>_<strategy>` per
   seed."""
@@ -190,7 +204,7 @@ def sweep(add, arg: str | None = None) -> None:
   module = _pretrain_module()
   base = get_config(arg).to_dict()
   for init in args.inits:
-    if init != "scratch":
+    if init in PRETRAINED_HERE:
       pretrain = module.get_config(pretrain_arg(init, args)).to_dict()
       pretrain["progress"] = base["progress"]  # The study's setting.
       add(name=f"pretrain_{init}", seed=0, **config_overrides(base, pretrain))
@@ -199,7 +213,7 @@ def sweep(add, arg: str | None = None) -> None:
       steps = 3 if args.runlocal else total_steps(flag, args.epochs, args.min_steps)
       for init in args.inits:
         for strategy in args.strategies:
-          init_keys = {} if init == "scratch" else {"model_init": f"run:pretrain_{init}"}
+          init_keys = _init_overrides(init, base)
           add(name=f"{flag}_{init}_{strategy}", seed=seed,
               **{"input.data": dict(name="medmnist", flag=flag, size=28),
                  "input.pp": _pp(flag), "total_steps": steps, **init_keys,
@@ -299,8 +313,9 @@ def report(rows: Sequence[Mapping[str, Any]],
   files["fm_transfer_table.md"] = (
       "# What fm_adapt's MIM foundation model is worth\n\n"
       f"Test AUC and ACC, mean ± std over seeds ({'/'.join(map(str, seeds)) or '–'}), at 28 px, "
-      "the checkpoint of best validation AUC. Initialisations: scratch, or the export of this "
-      "study's `pretrain_<objective>` run (same steps for each objective). Published rows: "
+      "the checkpoint of best validation AUC. Initialisations: scratch, fm_adapt's foundation "
+      "model (`fm_adapt.foundation`), or the export of this study's `pretrain_<objective>` run "
+      "(same steps for each objective). Published rows: "
       "MedMNIST+ (Doerrich et al. 2024; ImageNet weights, 28 px zero-padded to 224, mean of 3 "
       "seeds; AUC only) and MedMNIST v2 (Yang et al. 2023, Table 2; a single run).\n\n"
       + "\n\n".join(s for s in [*sections, pretraining] if s) + "\n")

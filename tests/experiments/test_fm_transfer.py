@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fm_adapt import foundation
 from fm_adapt import study
 from fm_adapt.report import tables
 
@@ -24,13 +25,15 @@ def _load(path=FILE):
 def test_full_plan_pretrains_each_objective_then_adapts_every_init(tmp_path):
   module = _load()
   runs = study.expand(module, None)
-  assert len(runs) == 4 + 5 * 3 * 3 * 3
+  assert len(runs) == 4 + 6 * 3 * 3 * 3
   assert [(r.name, r.seed) for r in runs[:4]] == [
       ("pretrain_simmim", 0), ("pretrain_mae", 0), ("pretrain_frequency", 0),
       ("pretrain_deblur", 0)]
   names = {r.name for r in runs[4:]}
-  assert len(names) == 45 and "retinamnist_deblur_lora_qv_r8" in names
+  assert len(names) == 54 and "retinamnist_deblur_lora_qv_r8" in names
   by = {(r.name, r.seed): r.overrides for r in runs}
+  assert by["breastmnist_foundation_full", 1]["model_init"] == str(foundation.FILE)
+  assert "model" not in by["breastmnist_foundation_full", 1]  # Ti/4 already.
   assert by["breastmnist_mae_full", 2]["model_init"] == "run:pretrain_mae"
   assert "model_init" not in by["breastmnist_scratch_full", 0]
   assert by["breastmnist_scratch_linear_probe", 1]["probe"] == "auto"
