@@ -29,7 +29,10 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "chex>=0.1.90,<0.2"],
+        # pytest-xdist: the README's test command runs on 2 workers; filelock: JAX's lock of
+        # the XLA cache the test processes share (tests/fm_adapt/conftest.py).
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4",
+                "chex>=0.1.90,<0.2"],
         # Reading .pth checkpoints. torch.load(weights_only=True) before 2.6 can run code from a
         # crafted file (CVE-2025-32434); fm_adapt.weights.readers refuses such a torch.
         "torch": ["torch>=2.6,<3"],

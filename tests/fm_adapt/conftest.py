@@ -35,20 +35,33 @@ def _write_one_class_val(source: pathlib.Path, path: pathlib.Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, synthetic_medmnist) -> dict:
   """The synthetic archives, their directory (the data dir; TFDS builds in `<root>/tfds`) and
-  the split sizes of 'tiny': {'tiny', 'one_class_val', 'root': str, 'sizes': {split: n}}."""
+  the split sizes of 'tiny' and the XLA cache: {'tiny', 'one_class_val', 'root': str,
+  'sizes': {split: n}, 'xla_cache': path}."""
   binary = synthetic_medmnist["binary"]
   root = tmp_path_factory.mktemp("tiny_data")
-  for key, value in _cache_settings(root / "xla_cache").items():
+  for key, value in _cache_settings(_xla_cache_dir(root, tmp_path_factory)).items():
     jax.config.update(key.lower(), value)
   _write_one_class_val(binary.path, root / "one_class_val.npz")
   return {"tiny": str(binary.path), "one_class_val": str(root / "one_class_val.npz"),
-          "root": str(root), "sizes": dict(binary.split_sizes)}
+          "root": str(root), "sizes": dict(binary.split_sizes),
+          "xla_cache": _xla_cache_dir(root, tmp_path_factory)}
+
+
+def _xla_cache_dir(root: pathlib.Path, tmp_path_factory) -> pathlib.Path:
+  """The session's XLA cache: in `root`, or shared by the workers of `pytest -n` (one run)."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <run>/popen-gw<N>: share <run>.
+    return tmp_path_factory.getbasetemp().parent / "xla_cache"
+  return root / "xla_cache"
 
 
 def _cache_settings(directory: pathlib.Path) -> dict[str, object]:
+  """The persistent XLA cache in `directory`. A size limit turns on JAX's file lock around each
+  read and write: without it a process may read an entry another one is still writing (the
+  processes of a test, pytest's workers), and a torn executable aborts the reader."""
   return {"JAX_COMPILATION_CACHE_DIR": str(directory),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0,
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0}
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
+          "JAX_COMPILATION_CACHE_MAX_SIZE": 1 << 34}
 
 
 @pytest.fixture()
@@ -58,8 +71,7 @@ def tiny_env(tiny_data) -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
-  env.update({k: str(v) for k, v in
-              _cache_settings(pathlib.Path(tiny_data["root"]) / "xla_cache").items()})
+  env.update({k: str(v) for k, v in _cache_settings(tiny_data["xla_cache"]).items()})
   return env
 
 
