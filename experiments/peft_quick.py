@@ -1,9 +1,10 @@
 """Parameter-efficient adaptation strategies side by side on PneumoniaMNIST.
 
-ViT strategies start from a ViT that this study first trains itself on BreastMNIST (a
-checkpoint produced by the code, exported with `run:vit_base`); CNN strategies start from the
-real ImageNet-pretrained EfficientNet-Lite0 weights. Each strategy reports its trainable
-parameters and validation / test AUROC of the best-validation-AUC checkpoint:
+ViT strategies adapt fm_adapt's own foundation model (`fm_adapt.foundation`: a ViT-Ti/4
+pretrained with MAE on the training images of the MedMNIST and retinal / endoscopy sets, kept in
+the repository; grey images repeated to its 3 channels); CNN strategies start from the real
+ImageNet-pretrained EfficientNet-Lite0 weights. Each strategy reports its trainable parameters
+and validation / test AUROC of the best-validation-AUC checkpoint:
 
   export FM_ADAPT_DATA_DIR=../shared/data FM_ADAPT_WEIGHTS_DIR=../shared/weights
   python -m fm_adapt.study --config experiments/peft_quick.py:runlocal --workdir workdirs/peft_quick
@@ -21,10 +22,10 @@ import functools
 import ml_collections
 
 from fm_adapt import config as config_lib
+from fm_adapt import foundation
 from fm_adapt.adapt import compose
 
 PNEUMONIA = dict(name="medmnist", flag="pneumoniamnist", size=28)
-BREAST = dict(name="medmnist", flag="breastmnist", size=28)
 EFFICIENTNET_WEIGHTS = "efficientnet-lite0-57934424.npz"
 SCHED = dict(decay_type="cosine", warmup_percent=0.1)
 
@@ -79,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.runlocal = arg.runlocal
   config.model_name = "vit"
-  config.model = dict(variant="mu/4" if arg.runlocal else "Ti/4", pool_type="gap")
-  config.input.update(dict(data=PNEUMONIA, pp="value_range(-1,1)", batch_size=64,
+  config.model = dict(foundation.MODEL)  # The foundation model's architecture, also runlocal.
+  config.input.update(dict(data=PNEUMONIA, pp=foundation.PP, batch_size=64,
                            eval_batch_size=256))
   config.evals.val = dict(name="classification", split="val")
   config.evals.test = dict(name="classification", split="test", periodic=False)
@@ -102,13 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def _vit_runs(runlocal: bool) -> list[dict]:
-  base = dict(name="vit_base", **{"input.data": BREAST, "total_epochs": 20.0})
-  runs = [base]
-  for name, strategy in VIT_STRATEGIES.items():
-    runs.append(dict(name=f"vit_{name}", model_init="run:vit_base",
-                     model_load=dict(dont_load=["head/.*"]), **strategy))
-  return runs
+def _vit_runs() -> list[dict]:
+  """Every ViT strategy on fm_adapt's foundation model (a fresh head)."""
+  return [dict(name=f"vit_{name}", model_init=foundation.path(),
+               model_load=dict(dont_load=["head/.*"]), **strategy)
+          for name, strategy in VIT_STRATEGIES.items()]
 
 
 def _cnn_runs(runlocal: bool) -> list[dict]:
@@ -125,10 +124,8 @@ def _cnn_runs(runlocal: bool) -> list[dict]:
 def sweep(add, arg: str | None = None) -> None:
   """Every strategy on each backbone; one seed in runlocal mode, three otherwise."""
   arg = parse(arg)
-  runs = (_vit_runs(arg.runlocal) if "vit" in arg.backbones else []) + (
+  runs = (_vit_runs() if "vit" in arg.backbones else []) + (
       _cnn_runs(arg.runlocal) if "cnn" in arg.backbones else [])
   for seed in ((0,) if arg.runlocal else (0, 1, 2)):
     for run in runs:
-      if run["name"] == "vit_base" and seed > 0:
-        continue  # One base checkpoint serves every seed of the ViT strategies.
       add(seed=seed, **run)
