@@ -13,7 +13,7 @@
   objective  MAE, random masks of 75 % of the 7 x 7 patches, normalised-pixel MSE
   model      ViT-Ti/4 (5.34 M encoder parameters), 28 px, global average pooling
   steps      700 of batch 128 (1.5 epochs), AdamW, lr 5e-4, cosine decay, 5 % warm-up
-  hardware   2-core CPU, 1,126 s wall time; held-out reconstruction loss .874 -> .706
+  hardware   2-core CPU shared with other jobs, 1,126 s wall time; held-out reconstruction loss .874 -> .706
              (the val split of PneumoniaMNIST)
 
 It holds the encoder and the MAE decoder; a classifier (`model_name='vit'`, `MODEL`) loads the
