@@ -51,7 +51,8 @@ def _marker_reason(item) -> str:
 @pytest.hookimpl(tryfirst=True)  # Before `-m` deselects by marker.
 def pytest_collection_modifyitems(items):
   """Marks every test that takes a shared-files fixture real_data; checks the markers given;
-  skips the real_data tests that need the data directory when none is set, saying why."""
+  skips the real_data tests that need the data directory when none is set, saying why; puts
+  the long tests first (`_LONG_MODULES`)."""
   for item in items:
     fixtures = getattr(item, "fixturenames", ())
     used = [name for name in _SHARED_FIXTURES if name in fixtures]
@@ -69,6 +70,7 @@ def pytest_collection_modifyitems(items):
     elif "shared_weights_dir" in fixtures and not (os.environ.get(DATA_ENV) or
                                                    os.environ.get(WEIGHTS_ENV)):
       item.add_marker(pytest.mark.skip(reason=f"{reason}. {_NO_WEIGHTS_DIR}"))
+  _long_modules_first(items)
 
 
 @pytest.fixture(scope="session")
@@ -237,3 +239,28 @@ def synthetic_medmnist(tmp_path_factory) -> dict[str, SyntheticSet]:
     sets[name] = SyntheticSet(path=path, like=like, task=task, num_classes=num_classes,
                               split_sizes=dict(sizes), image_shape=shape)
   return sets
+
+
+# Modules whose tests train through subprocesses or whole studies: a minute or more of a 2-core
+# CI box each. They are collected first, so that `pytest -n 2` starts them at once and the many
+# short tests fill both workers at the end (collected last they ran together at the end, one
+# worker waiting on the other).
+_LONG_MODULES = (
+    "tests/fm_adapt/train/test_multiprocess.py",
+    "tests/fm_adapt/train/test_stacked_loop.py",
+    "tests/fm_adapt/train/test_loop.py",
+    "tests/experiments/test_adaptation_study.py",
+    "tests/experiments/test_medmnist_v2_table.py",
+    "tests/fm_adapt/train/test_pretrained.py",
+    "tests/fm_adapt/train/test_step.py",
+    "tests/fm_adapt/train/test_multiprocess_data.py",
+    "tests/experiments/test_fm_transfer.py",
+)
+
+
+def _long_modules_first(items) -> None:
+  """Puts the tests of `_LONG_MODULES` first, in that order (the rest keep theirs)."""
+  rank = {module: i for i, module in enumerate(_LONG_MODULES)}
+  position = {id(item): n for n, item in enumerate(items)}
+  items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)),
+                               position[id(item)]))
