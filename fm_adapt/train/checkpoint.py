@@ -16,6 +16,7 @@ a `gs://` URI: every path is an `etils.epath.Path`, as orbax's own.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -74,6 +75,21 @@ def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where:
     raise IncompatibleCheckpoint("\n".join(lines))
 
 
+def _barriers(directory: epath.Path) -> ocp.options.MultiprocessingOptions:
+  """Orbax's multi-process options with barrier keys of this manager's own.
+
+  Orbax names the barriers of an async save after the step's folder (`20.orbax-checkpoint-tmp`),
+  the same in `ckpt/` and `best/` (and in every seed's `best/` of a stacked group). Two managers
+  saving one step at once then pass each other's barriers: process 0 finalized `best/20` before
+  process 1 had written its part, and both processes failed (seen in the two-process
+  pre-emption test). A prefix per manager directory keeps the barriers apart (orbax's
+  `barrier_sync_key_prefix`, meant for concurrent managers); every process names the same
+  directory, so they agree on it.
+  """
+  digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"{directory.name}_{digest}")
+
+
 class RunCheckpointer:
   """Saves and restores a run's train state, data-iterator state and best parameters."""
 
@@ -86,7 +102,8 @@ class RunCheckpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "iterator": grain.checkpoint.CheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             multiprocessing_options=_barriers(workdir / "ckpt")))
     self._best = None
     self.best_metric = best_metric
     self._best_mode = best_mode
@@ -96,7 +113,8 @@ class RunCheckpointer:
           workdir / "best", item_handlers={"state": ocp.StandardCheckpointHandler()},
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_mode=best_mode,
-              best_fn=lambda metrics: metrics[best_metric]))
+              best_fn=lambda metrics: metrics[best_metric],
+              multiprocessing_options=_barriers(workdir / "best")))
       self._best_value = self._saved_best_value()
 
   def _saved_best_value(self) -> float | None:

@@ -243,3 +243,15 @@ def test_the_older_one_state_layout_still_resumes(tmp_path):
   ckpt.restore(ckpt_lib.abstract_of(_state(4)), iterator=iterator)
   assert next(iterator) == 4
   ckpt.close()
+
+
+def test_each_manager_has_barriers_of_its_own(tmp_path):
+  """Orbax names an async save's barriers after the step's folder, the same in ckpt/ and best/:
+  without a prefix of their own, two managers saving one step on several processes pass each
+  other's barriers (process 0 finalized best/20 before process 1 had written its part)."""
+  runs = [ckpt_lib.RunCheckpointer(tmp_path / name, best_metric="val/auc") for name in "ab"]
+  prefixes = [manager._options.multiprocessing_options.barrier_sync_key_prefix  # pylint: disable=protected-access
+              for run in runs for manager in (run._latest, run._best)]  # pylint: disable=protected-access
+  assert all(prefixes) and len(set(prefixes)) == 4, prefixes
+  for run in runs:
+    run.close()
