@@ -69,7 +69,8 @@ def tiny_env(tiny_data) -> dict[str, str]:
   """The environment of a subprocess that trains a tiny run (1 CPU device, the shared XLA
   cache)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+             + os.environ["FM_ADAPT_TEST_XLA_FLAGS"],
              PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
   env.update({k: str(v) for k, v in _cache_settings(tiny_data["xla_cache"]).items()})
   return env
@@ -173,7 +174,8 @@ class ProcessGroup:
     """Starts `python -m module args` as processes 0..n-1 of one job; their output goes to
     `<logs>/process_<i>.log` (`self.log(i)`)."""
     port = free_port()
-    env = dict(self._env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = dict(self._env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+               + os.environ["FM_ADAPT_TEST_XLA_FLAGS"])
     self.procs = []
     for i in range(num_processes):
       command = [sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",

@@ -39,7 +39,8 @@ REAL_CONFIG = "experiments/quickstart.py:runlocal,data=subset_b"
 
 def _env(base: dict, devices: int = 1) -> dict:
   """`base` (tiny_env, or os.environ) on `devices` simulated CPU devices."""
-  return dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+              + os.environ["FM_ADAPT_TEST_XLA_FLAGS"],
               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
 
 

@@ -44,7 +44,8 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_rules_match_parameter_paths_and_moments_follow_their_parameters():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+             + os.environ["FM_ADAPT_TEST_XLA_FLAGS"],
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
                         timeout=300)

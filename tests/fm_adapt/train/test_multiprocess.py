@@ -13,6 +13,7 @@ until 2026-12-05; it tested nothing this one does not, at a minute and a half of
 Data: the synthetic MedMNIST-layout set of the tiny runs (tests/fm_adapt/conftest.py).
 """
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -45,7 +46,8 @@ def _fsdp_from_pretrained(pretrained: pathlib.Path) -> str:
 
 def _run_one_process(config: str, workdir: pathlib.Path, env: dict, devices: int,
                      flags: list[str]) -> None:
-  env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + os.environ["FM_ADAPT_TEST_XLA_FLAGS"])
   out = subprocess.run([sys.executable, "-m", "fm_adapt.main", "--config", config, "--workdir",
                         str(workdir), *flags], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -182,7 +182,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 
 
 def _run_devices(devices: int, mesh: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + os.environ["FM_ADAPT_TEST_XLA_FLAGS"],
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT.replace("MESH", mesh), __file__],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -206,7 +206,8 @@ _SHARDED = textwrap.dedent('''
 def test_accumulation_on_a_sharded_mesh_equals_one_big_batch():
   """On 4 simulated devices (data 2 x fsdp 2) the strided micro-batches need no resharding and
   give the big-batch update."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+             + os.environ['FM_ADAPT_TEST_XLA_FLAGS'],
              JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _SHARDED], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
