@@ -403,45 +403,60 @@ def _flat_result(result: Mapping[str, Any]) -> dict[str, Any]:
           "peak_memory_source": result.get("peak_memory_source"), "data": variant}
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment file and argument: file.py[:arg]; --config.key=value overrides "
-    "apply to every run.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
-_ONLY = flags.DEFINE_string(
-    "only", None, "Regex: train and tabulate only the runs whose <name>-s<seed> it matches.")
-_DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, "Print the plan (runs, steps, a measured step, estimated time); train "
-    "nothing.")
-_STACK_SEEDS = flags.DEFINE_bool(
-    "stack_seeds", False, "Train the seeds of each run name as one jitted program (vmapped "
-    "update, one checkpoint), each seed's results as if run alone.")
-_ALLOW_HARMLESS = flags.DEFINE_bool(
-    "allow_harmless_changes", False,
-    "On resume, accept config changes of " + ", ".join(workdir_lib.HARMLESS_KEYS) + ".")
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module runs as the program.
+
+  Experiment files import `fm_adapt.study` (`load_experiment`); under `python -m fm_adapt.study`
+  that is a second module object beside `__main__`, and under `python -m fm_adapt.main` the
+  program owns `--config` and `--workdir`. Flags defined at import time clashed in both
+  ("The flag 'config' is defined twice").
+  """
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "Experiment file and argument: file.py[:arg]; --config.key=value "
+          "overrides apply to every run.", lock_config=True),
+      "workdir": flags.DEFINE_string("workdir", None, "Directory of the study."),
+      "data_dir": flags.DEFINE_string("data_dir", None, "Data directory."),
+      "only": flags.DEFINE_string(
+          "only", None, "Regex: train and tabulate only the runs whose <name>-s<seed> it "
+          "matches."),
+      "dry_run": flags.DEFINE_bool(
+          "dry_run", False, "Print the plan (runs, steps, a measured step, estimated time); "
+          "train nothing."),
+      "stack_seeds": flags.DEFINE_bool(
+          "stack_seeds", False, "Train the seeds of each run name as one jitted program "
+          "(vmapped update, one checkpoint), each seed's results as if run alone."),
+      "allow_harmless_changes": flags.DEFINE_bool(
+          "allow_harmless_changes", False,
+          "On resume, accept config changes of " + ", ".join(workdir_lib.HARMLESS_KEYS) + "."),
+  }
 
 
-def main(argv) -> None:
+def main(argv, flag: Mapping[str, flags.FlagHolder]) -> None:
+  """Runs the study the flags name (`_define_flags`) and prints its table."""
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config_flag = flags.FLAGS["config"]
   try:
     process_flags.start_from_flags()
-    table = run_study(config_flags.get_config_filename(config_flag), _WORKDIR.value,
-                      _DATA_DIR.value, overrides=config_flags.get_override_values(config_flag),
-                      allow_harmless_changes=_ALLOW_HARMLESS.value, only=_ONLY.value,
-                      dry_run=_DRY_RUN.value, stack_seeds=_STACK_SEEDS.value)
+    table = run_study(config_flags.get_config_filename(config_flag), flag["workdir"].value,
+                      flag["data_dir"].value,
+                      overrides=config_flags.get_override_values(config_flag),
+                      allow_harmless_changes=flag["allow_harmless_changes"].value,
+                      only=flag["only"].value, dry_run=flag["dry_run"].value,
+                      stack_seeds=flag["stack_seeds"].value)
   except StudyFailed as error:
     print(error.table, flush=True)
     interrupt.exit_with_error(error)
   except KeyboardInterrupt as error:  # Finished runs are skipped and the stopped one resumes.
-    interrupt.exit_with_resume_hint(error, _WORKDIR.value)
+    interrupt.exit_with_resume_hint(error, flag["workdir"].value)
   except loop.REFUSALS as error:
     interrupt.exit_with_error(error)
   print(table, flush=True)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _FLAGS))

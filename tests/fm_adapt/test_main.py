@@ -66,3 +66,16 @@ def test_a_workdir_orbax_cannot_write_to_is_one_clear_error(tmp_path):
       "Error: The workdir s3://bucket/run is on s3://, where orbax cannot write checkpoints: use "
       "a local path or one of gs://.")
   assert not (REPO / "s3:").exists()
+
+
+def test_experiments_that_import_the_study_module_load_from_both_commands(tmp_path):
+  """fm_transfer.py imports fm_adapt.study (to load its sibling experiment): under either
+  command the experiment loads (here up to the override check) instead of failing on flags
+  defined twice, as it did when fm_adapt.study defined its flags at import."""
+  for module in ("fm_adapt.main", "fm_adapt.study"):
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--config", "experiments/fm_transfer.py:runlocal",
+         "--workdir", str(tmp_path / module), "--config.learning_rate=1e-3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "defined twice" not in out.stderr, (module, out.stderr[-2000:])
+    assert out.returncode != 0 and "learning_rate" in out.stderr, (module, out.stderr[-2000:])
