@@ -66,14 +66,47 @@ class ImportReport:
   problems: list[str] = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
-    """A multi-line account, one line per key left out or parameter not loaded."""
+    """A multi-line account: each parameter not loaded, and the keys left out.
+
+    Keys ignored for one reason are one line when there are more than
+    `_IGNORED_LISTED` of them (their count and common prefix), so a MAE decoder or a
+    text tower does not bury the lines that matter.
+    """
     lines = [f'{self.path} ({self.layout} layout): {len(self.loaded)} parameter(s) loaded.']
-    lines += [f'  ignored: {key} ({why})' for key, why in sorted(self.ignored.items())]
+    lines += _ignored_lines(self.ignored)
     lines += [f'  dropped by dont_load: {key}' for key in self.dropped]
     lines += [f'  kept its initialisation: {p}' for p in self.kept_init]
     lines += [f'  {problem}' for problem in self.problems]
     return '\n'.join(lines)
 
+
+_IGNORED_LISTED = 4  # More keys ignored for one reason are summarised on one line.
+
+
+def _common_prefix(keys: Sequence[str]) -> str:
+  """The longest prefix of whole path components ('/' or '.') shared by every key."""
+  split = [re.split(r'(?<=[/.])', k) for k in keys]
+  prefix = []
+  for parts in zip(*split):
+    if len(set(parts)) != 1:
+      break
+    prefix.append(parts[0])
+  return ''.join(prefix)
+
+
+def _ignored_lines(ignored: Mapping[str, str]) -> list[str]:
+  """Report lines for the ignored keys: each key, or one line per reason with many keys."""
+  by_reason: dict[str, list[str]] = {}
+  for key, why in sorted(ignored.items()):
+    by_reason.setdefault(why, []).append(key)
+  lines = []
+  for why, keys in by_reason.items():
+    if len(keys) <= _IGNORED_LISTED:
+      lines += [f'  ignored: {key} ({why})' for key in keys]
+    else:
+      lines.append(f'  ignored: {len(keys)} keys {_common_prefix(keys)}* ({why}), '
+                   f'e.g. {keys[0]}')
+  return lines
 
 def import_vit(path: readers.PathLike, *,
                format: str = 'auto',  # pylint: disable=redefined-builtin

@@ -338,3 +338,15 @@ def test_pickled_checkpoints_are_refused(tmp_path):
   for path in (objects, disguised, pkl):
     with pytest.raises(readers.PickleRefusedError, match='(?i)convert.*safetensors'):
       vit_import.load_vit_checkpoint(path)
+
+
+def test_the_report_summarises_many_keys_ignored_for_one_reason():
+  report = vit_import.ImportReport(path='ckpt.npz', layout='timm', ignored={
+      **{f'decoder_blocks.{i}.attn.qkv.weight': 'the MAE decoder' for i in range(6)},
+      'mask_token': 'the mask token', 'norm.weight': 'replaced by fc_norm'})
+  lines = report.summary().splitlines()
+  assert lines[1:] == [
+      '  ignored: 6 keys decoder_blocks.* (the MAE decoder), '
+      'e.g. decoder_blocks.0.attn.qkv.weight',
+      '  ignored: mask_token (the mask token)',
+      '  ignored: norm.weight (replaced by fc_norm)']
