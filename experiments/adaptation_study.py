@@ -17,15 +17,18 @@ seed), then reports on the test split:
       --config experiments/adaptation_study.py:backbones=cnn
 
 Backbones: `cnn`, the real ImageNet EfficientNet-Lite0 (images resized to 64 px, grey to RGB);
-`vit`, a ViT-Ti/4 at 28 px started from `vit_init` (a weights file: the project's MIM-pretrained
-foundation model once it exists; a ViT trained from scratch is not a foundation model, so
-without `vit_init` the ViT rows are refused outside runlocal). VPT-deep has no CNN form and is
-left out of the CNN rows.
+`vit`, a ViT-Ti/4 at 28 px (grey to RGB) started from `vit_init`: by default fm_adapt's own
+MIM-pretrained foundation model (`fm_adapt.foundation`), or another weights file of the same
+architecture (e.g. the export of experiments/mim_pretrain.py). `vit_init=scratch` is refused
+outside runlocal: a ViT trained from scratch is not a foundation model. runlocal's ViT is a
+ViT-mu/4 from scratch unless `vit_init` names a file. VPT-deep has no CNN form and is left out of
+the CNN rows.
 
 Arguments (`:key=value,...`): backbones (`vit+cnn`), datasets (`+`-separated flags, default
 pneumoniamnist+breastmnist+retinamnist), strategies (`+`-separated subset of STRATEGIES),
 fractions (`+`-separated, default 0.01+0.1+1.0), seeds (default 3), epochs (default 10: passes
-over the subset, at least `min_steps` steps), min_steps (default 50), vit_init, robustness
+over the subset, at least `min_steps` steps), min_steps (default 50), vit_init (default
+`foundation`; `scratch`, or a weights file), robustness
 (`all` or `none`), runlocal (a seconds-long smoke run of each).
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 
 from data_pipelines import corruptions, medmnist
 from fm_adapt import config as config_lib
+from fm_adapt import foundation
 from fm_adapt.adapt import compose
 from fm_adapt.report import plots
 
@@ -101,13 +105,17 @@ def parse(arg: str | None) -> ml_collections.FrozenConfigDict:
     raise ValueError(f"fractions {bad} must be in (0, 1].")
   if args.robustness not in ("all", "none"):
     raise ValueError(f"robustness={args.robustness!r}; valid: 'all', 'none'.")
-  if "vit" in backbones and not args.vit_init and not args.runlocal:
-    raise ValueError("The ViT rows need a pretrained ViT-Ti/4 (28 px): pass vit_init=<weights "
-                     "file> (e.g. the export of experiments/mim_pretrain.py), or backbones=cnn.")
+  vit_init = args.vit_init or ("scratch" if args.runlocal else "foundation")
+  if "vit" in backbones and vit_init == "scratch" and not args.runlocal:
+    raise ValueError("vit_init=scratch: the ViT rows adapt a pretrained ViT-Ti/4 (28 px), not one "
+                     "trained from scratch. Leave vit_init out for fm_adapt's foundation model, "
+                     "pass vit_init=<weights file>, or backbones=cnn.")
+  if vit_init == "foundation":
+    vit_init = foundation.path()
   return ml_collections.FrozenConfigDict(dict(
       backbones=backbones, datasets=_split(args.datasets, DATASETS, "datasets"),
       strategies=strategies, fractions=fractions, seeds=int(args.seeds),
-      epochs=float(args.epochs), min_steps=int(args.min_steps), vit_init=args.vit_init,
+      epochs=float(args.epochs), min_steps=int(args.min_steps), vit_init=vit_init,
       robustness=args.robustness == "all", runlocal=bool(args.runlocal)))
 
 
@@ -156,9 +164,10 @@ def _backbone_overrides(backbone: str, args) -> dict:
     return {"model_name": "efficientnet", "model": dict(dropout=0.2),
             "model_init": EFFICIENTNET_WEIGHTS, "model_load": dict(dont_load=["head/.*"]),
             "input.pp": f"resize({32 if args.runlocal else 64})|gray_to_rgb|value_range(-1,1)"}
-  if args.vit_init:
-    return {"model_init": args.vit_init, "model_load": dict(dont_load=["head/.*"])}
-  return {}
+  if args.vit_init != "scratch":
+    return {"model": dict(foundation.MODEL), "model_init": args.vit_init,
+            "model_load": dict(dont_load=["head/.*"]), "input.pp": foundation.PP}
+  return {"input.pp": foundation.PP}
 
 
 def sweep(add, arg: str | None = None) -> None:

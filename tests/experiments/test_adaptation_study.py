@@ -31,6 +31,18 @@ def test_full_plan_is_strategy_x_fraction_x_dataset_x_seed():
   assert sorted(r.overrides["total_steps"] for r in pneumonia if r.seed == 0) == [50, 80, 740]  # 10 passes over 1 %, 10 %, all
   vit = next(r for r in runs if r.name.startswith("breastmnist_vit"))
   assert vit.overrides["model_init"] == "mim.npz"
+  assert vit.overrides["input.pp"] == "gray_to_rgb|value_range(-1,1)"  # MIM exports are RGB.
+
+
+def test_the_vit_rows_adapt_the_foundation_model_by_default():
+  from fm_adapt import foundation  # pylint: disable=import-outside-toplevel
+  runs = study.expand(_load(), "backbones=vit,datasets=breastmnist,seeds=1")
+  assert len(runs) == 7 * 3
+  for run in runs:
+    assert run.overrides["model_init"] == str(foundation.FILE)
+    assert run.overrides["model"] == foundation.MODEL
+    assert run.overrides["input.pp"] == foundation.PP
+    assert run.overrides["model_load"] == {"dont_load": ["head/.*"]}
 
 
 def test_arguments_are_checked():
@@ -39,8 +51,9 @@ def test_arguments_are_checked():
     module.parse("backbones=vit,strategies=lora,vit_init=x")
   with pytest.raises(ValueError, match=r"fractions \[0.0\] must be in \(0, 1\]"):
     module.parse("backbones=cnn,fractions=0")
-  with pytest.raises(ValueError, match="The ViT rows need a pretrained ViT"):
-    module.parse("backbones=vit")
+  with pytest.raises(ValueError, match="vit_init=scratch: the ViT rows adapt a pretrained"):
+    module.parse("backbones=vit,vit_init=scratch")
+  assert module.parse("backbones=vit,vit_init=scratch,runlocal=True").vit_init == "scratch"
   with pytest.raises(ValueError, match=r"Unknown datasets \['chest'\]"):
     module.parse("backbones=cnn,datasets=chest")
 
