@@ -37,6 +37,7 @@ the reference AUCs as lines). Each pretraining run also leaves its reconstructio
 loss curve in its own directory (`pretrain_<objective>-s0/`).
 
 Arguments (`:key=value,...`): pretrain_steps (default 2000), pretrain_batch (default 256),
+pretrain_blr (default 1e-3, the foundation model's: learning rate blr * batch / 256),
 epochs (default 10), min_steps (default 50), datasets, inits, strategies (`+`-separated subsets;
 default all), seeds (default 3), lr (default 1e-3), runlocal (a seconds-long smoke run: ViT-mu,
 pretraining on BreastMNIST's training images, a few steps each, one seed).
@@ -109,12 +110,13 @@ def _positive(value: Any, what: str, kind: type = int) -> Any:
 def parse(arg: str | None) -> ml_collections.FrozenConfigDict:
   """The study's arguments, checked (unknown names list the valid ones)."""
   args = config_lib.parse_arg(
-      arg, pretrain_steps=2000, pretrain_batch=256, epochs=10.0, min_steps=50,
+      arg, pretrain_steps=2000, pretrain_batch=256, pretrain_blr=1e-3, epochs=10.0, min_steps=50,
       datasets="+".join(DATASETS), inits="+".join(INITS), strategies="+".join(STRATEGIES),
       seeds=3, lr=1e-3, runlocal=False)
   return ml_collections.FrozenConfigDict(dict(
       pretrain_steps=_positive(args.pretrain_steps, "pretrain_steps"),
       pretrain_batch=_positive(args.pretrain_batch, "pretrain_batch"),
+      pretrain_blr=_positive(args.pretrain_blr, "pretrain_blr", float),
       epochs=_positive(args.epochs, "epochs", float),
       min_steps=_positive(args.min_steps, "min_steps"),
       datasets=_subset(args.datasets, DATASETS, "datasets"),
@@ -127,7 +129,7 @@ def parse(arg: str | None) -> ml_collections.FrozenConfigDict:
 def pretrain_arg(objective: str, args: Any) -> str:
   """The `experiments/mim_pretrain.py` argument of run `pretrain_<objective>`."""
   return (f"objective={objective},steps={args.pretrain_steps},batch={args.pretrain_batch},"
-          f"size=28,channels=3,runlocal={args.runlocal}")
+          f"blr={args.pretrain_blr},size=28,channels=3,runlocal={args.runlocal}")
 
 
 def _pp(flag: str) -> str:

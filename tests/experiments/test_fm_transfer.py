@@ -51,7 +51,9 @@ def test_a_pretraining_run_is_mim_pretrain_with_the_studys_budget(tmp_path):
   run = study.expand(module, arg)[1]
   assert run.name == "pretrain_mae"
   config = study.run_config(module, arg, run, tmp_path, resolve_runs=False).to_dict()
-  want = _load(PRETRAIN).get_config("objective=mae,steps=300,batch=64,size=28,channels=3")
+  want = _load(PRETRAIN).get_config("objective=mae,steps=300,batch=64,blr=0.001,size=28,"
+                                     "channels=3")
+  assert want.lr == 1e-3 * 64 / 256  # The foundation model's base learning rate.
   want = dict(want.to_dict(), progress=False)  # The study's progress setting.
   assert config == want
   # The adaptation runs build the classification ViT of the pretrained encoder.
