@@ -288,6 +288,34 @@ def _pretraining_table(by_name: Mapping[str, Mapping[str, Any]],
   return "\n".join(lines) if len(lines) > 4 else ""
 
 
+PEFT = ("linear_probe", "lora_qv_r8")  # The parameter-efficient strategies of the goals.
+
+
+def _delta(value: float, reference: float) -> str:
+  return "–" if math.isnan(reference) else f"{value - reference:+.3f}"
+
+
+def _goals_table(flags: Sequence[str], by_name: Mapping[str, Mapping[str, Any]]) -> str:
+  """Issue 13's goals, computed: per dataset and pretrained initialisation, its best PEFT
+  strategy (mean test AUC) against the same ViT trained from scratch (full fine-tuning) and
+  against the MedMNIST+ DINO ViT linear probe."""
+  lines = ["### Goals: best parameter-efficient adaptation vs scratch and vs DINO", "",
+           "| dataset | initialisation | best PEFT (test AUC) | scratch, full | vs scratch | "
+           "DINO ViT LP | vs DINO |", "|---|---|---|---:|---:|---:|---:|"]
+  for flag in flags:
+    scratch = _stat(by_name.get(f"{flag}_scratch_full"), "test/auc")[0]
+    dino = REFERENCES[0][2][flag][0]
+    for init in INITS[1:]:
+      peft = [(_stat(by_name.get(f"{flag}_{init}_{s}"), "test/auc")[0], s) for s in PEFT]
+      peft = [(auc, s) for auc, s in peft if not math.isnan(auc)]
+      if not peft:
+        continue
+      auc, strategy = max(peft)
+      lines.append(f"| {flag} | {init} | {strategy} {auc:.3f} | {_fmt(scratch)} | "
+                   f"{_delta(auc, scratch)} | {dino:.3f} | {_delta(auc, dino)} |")
+  return "\n".join(lines) if len(lines) > 4 else ""
+
+
 def report(rows: Sequence[Mapping[str, Any]],
            results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, str | bytes]:
   """`fm_transfer_table.md` and `plots/fm_transfer_auc.png` from the study's rows."""
@@ -311,6 +339,7 @@ def report(rows: Sequence[Mapping[str, Any]],
         references, ylim=(max(low, 0.0), 1.0))
   sections = [_dataset_table(f, by_name) for f in flags]
   pretraining = _pretraining_table(by_name, results)
+  goals = _goals_table(flags, by_name)
   seeds = sorted({row["seeds"] for name, row in by_name.items() if name in parsed})
   files["fm_transfer_table.md"] = (
       "# What fm_adapt's MIM foundation model is worth\n\n"
@@ -320,5 +349,5 @@ def report(rows: Sequence[Mapping[str, Any]],
       "(same steps for each objective). Published rows: "
       "MedMNIST+ (Doerrich et al. 2024; ImageNet weights, 28 px zero-padded to 224, mean of 3 "
       "seeds; AUC only) and MedMNIST v2 (Yang et al. 2023, Table 2; a single run).\n\n"
-      + "\n\n".join(s for s in [*sections, pretraining] if s) + "\n")
+      + "\n\n".join(s for s in [*sections, goals, pretraining] if s) + "\n")
   return files

@@ -130,6 +130,10 @@ def test_report_table_reference_rows_and_picture():
   assert "| mae | full | 0.700 | – |" in retina and "| 0.720 | – |" in retina
   assert "| pretrain_mae | 2000 | 0.123 | 654 |" in table
   assert "pneumoniamnist" not in table
+  goals = table.split("### Goals")[1].split("###")[0]
+  assert ("| breastmnist | mae | linear_probe 0.850 | 0.820 | +0.030 | 0.868 | -0.018 |"
+          in goals)
+  assert "retinamnist" not in goals  # No parameter-efficient run there.
   image = np.asarray(Image.open(io.BytesIO(files["plots/fm_transfer_auc.png"])))
   assert image.shape[1] > image.shape[0]  # Two panels side by side.
 
