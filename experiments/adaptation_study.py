@@ -110,8 +110,8 @@ def parse(arg: str | None) -> ml_collections.FrozenConfigDict:
     raise ValueError("vit_init=scratch: the ViT rows adapt a pretrained ViT-Ti/4 (28 px), not one "
                      "trained from scratch. Leave vit_init out for fm_adapt's foundation model, "
                      "pass vit_init=<weights file>, or backbones=cnn.")
-  if vit_init == "foundation":
-    vit_init = foundation.path()
+  if "vit" in backbones and vit_init == "foundation":
+    vit_init = foundation.path()  # Names how to make the file when it is missing.
   return ml_collections.FrozenConfigDict(dict(
       backbones=backbones, datasets=_split(args.datasets, DATASETS, "datasets"),
       strategies=strategies, fractions=fractions, seeds=int(args.seeds),

@@ -108,6 +108,7 @@ def _ignored_lines(ignored: Mapping[str, str]) -> list[str]:
                    f'e.g. {keys[0]}')
   return lines
 
+
 def import_vit(path: readers.PathLike, *,
                format: str = 'auto',  # pylint: disable=redefined-builtin
                dont_load: Sequence[str] = (),
