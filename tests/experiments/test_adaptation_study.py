@@ -64,6 +64,18 @@ def test_steps_cover_epochs_of_the_subset_with_a_floor():
   assert module.total_steps("pneumoniamnist", 1.0, 10, 50) == 740  # 4708 / 64 -> 74 a pass.
 
 
+def test_max_steps_caps_every_run_and_eval_batch_reaches_the_config():
+  module = _load()
+  assert module.total_steps("pneumoniamnist", 1.0, 10, 50, 170) == 170
+  assert module.total_steps("breastmnist", 1.0, 10, 50, 170) == 90  # Under the cap: unchanged.
+  runs = study.expand(module, "backbones=cnn,datasets=pneumoniamnist,seeds=1,max_steps=170")
+  assert sorted(r.overrides["total_steps"] for r in runs if "_bitfit_" in r.name) == [50, 80, 170]
+  assert module.get_config("backbones=cnn,eval_batch=32").input.eval_batch_size == 32
+  assert module.get_config("backbones=cnn").input.eval_batch_size == 64
+  with pytest.raises(ValueError, match="max_steps=20 is below min_steps=50"):
+    module.parse("backbones=cnn,max_steps=20")
+
+
 def test_reference_is_full_fine_tuning_of_the_same_dataset_backbone_and_fraction():
   module = _load()
   assert module.reference_of("breastmnist_cnn_lora_1x1_r8_f0.1") == "breastmnist_cnn_full_f0.1"
