@@ -281,6 +281,64 @@ def _severity_curve(runs: Sequence[Mapping[str, Any]]) -> list:
   return points
 
 
+def _best(group: Sequence[Mapping[str, Any]], metric: str) -> tuple[str, float] | None:
+  """(strategy, mean) of the row with the highest mean `metric`; None when no row has it."""
+  scored = [(_stat(r, metric)[0], r["parts"]["strategy"]) for r in group]
+  scored = [(v, name) for v, name in scored if not math.isnan(v)]
+  return max(scored)[::-1] if scored else None
+
+
+def _answer(groups: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]) -> str:
+  """The study's answer, computed: per backbone and label fraction the strategy with the best
+  mean test AUC on each dataset (and how many datasets each wins); at each dataset's largest
+  fraction the strategy with the best mean-corrupted balanced accuracy, and the one that loses
+  least of its clean balanced accuracy. Ties are broken by name."""
+  return "\n".join(["## The answer", "", "Best mean test AUC per dataset, and wins per strategy:",
+                    "", *_auc_winners(groups), "",
+                    "Robustness at each dataset's largest label fraction (balanced accuracy):", "",
+                    *_robustness_winners(groups)])
+
+
+def _auc_winners(groups: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]) -> list[str]:
+  flags = sorted({flag for flag, _ in groups})
+  lines = ["| backbone | labels | " + " | ".join(flags) + " | wins |",
+           "|" + "---|" * (len(flags) + 3)]
+  for backbone in sorted({b for _, b in groups}):
+    fractions = sorted({r["parts"]["fraction"] for (_, b), g in groups.items() if b == backbone
+                        for r in g})
+    for fraction in fractions:
+      best = {flag: _best([r for r in groups.get((flag, backbone), ())
+                           if r["parts"]["fraction"] == fraction], "test/auc") for flag in flags}
+      wins: dict[str, int] = {}
+      for found in filter(None, best.values()):
+        wins[found[0]] = wins.get(found[0], 0) + 1
+      cells = [f"{b[0]} {_fmt(b[1])}" if b else "n/a" for b in best.values()]
+      tally = ", ".join(f"{name} {n}" for name, n in sorted(wins.items(), key=lambda w: -w[1]))
+      lines.append(f"| {backbone} | {fraction:g} | " + " | ".join(cells) + f" | {tally} |")
+  return lines
+
+
+def _robustness_winners(groups: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
+                        ) -> list[str]:
+  lines = ["| backbone | dataset | best corrupted (clean → corrupted) | smallest drop (a model "
+            "that predicts one class drops nothing: read its clean value) |",
+            "|---|---|---|---|"]
+  for (flag, backbone), group in sorted(groups.items()):
+    top = max(r["parts"]["fraction"] for r in group)
+    full = [r for r in group if r["parts"]["fraction"] == top]
+    pairs = {r["parts"]["strategy"]: (_stat(r, "robust/clean/bal_acc")[0],
+                                      _stat(r, "robust/corrupted_mean/bal_acc")[0]) for r in full}
+    pairs = {name: p for name, p in pairs.items() if not any(map(math.isnan, p))}
+    if not pairs:
+      lines.append(f"| {backbone} | {flag} | n/a | n/a |")
+      continue
+    show = lambda name: f"{name} {_fmt(pairs[name][0])} → {_fmt(pairs[name][1])}"
+    robust = max(pairs, key=lambda name: (pairs[name][1], name))
+    steady = min(pairs, key=lambda name: (pairs[name][0] - pairs[name][1], name))
+    lines.append(f"| {backbone} | {flag} | {show(robust)} | {show(steady)} |")
+  return lines
+
+
 def report(rows: Sequence[Mapping[str, Any]],
            results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, str | bytes]:
   """`adaptation_table.md` and the pictures, per dataset and backbone: label-efficiency curves
@@ -316,7 +374,7 @@ def report(rows: Sequence[Mapping[str, Any]],
           f"{flag} ({corruptions.MODALITY_OF_FLAG.get(flag, '?')}), {backbone}; dashed: "
           "MedMNIST-C AlexNet clean")
   files["adaptation_table.md"] = (
-      "# Adaptation study\n\nMean ± std over seeds. ECE before and after temperature scaling "
+      "# Adaptation study\n\n" + _answer(groups) + "\n\nMean ± std over seeds. ECE before and after temperature scaling "
       "fitted on validation; robustness: balanced accuracy on the clean test split and mean "
       "over the MedMNIST-C corruptions of the modality at severities 1-5 (applied to the "
       "28-px images, where blurs are relatively stronger than at the benchmark's 224 px); step "

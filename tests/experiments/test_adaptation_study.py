@@ -115,6 +115,11 @@ def test_report_tables_and_pictures():
   assert "0.800 → 0.600" in table  # Clean -> mean corrupted, full fine-tuning.
   assert "| MedMNIST-C AlexNet (224 px, paper) | 1 |" in table and "0.855 → 0.701" in table
   assert all(v.startswith(b"\x89PNG") for k, v in files.items() if k.endswith(".png"))
+  # The answer, computed: best test AUC per fraction (at 1, full's .85 ties bitfit's and is
+  # kept by name), the most robust strategy and the smallest drop (.2 for both, within float).
+  assert "| vit | 0.1 | bitfit 0.700 | bitfit 1 |" in table
+  assert "| vit | 1 | full 0.850 | full 1 |" in table
+  assert ("| vit | breastmnist | full 0.800 → 0.600 | bitfit 0.700 → 0.500 |" in table)
   # Robustness per severity: the mean over corruptions, then over seeds.
   curve = module._severity_curve(results["breastmnist_vit_full_f1"])
   assert [round(p[1], 3) for p in curve] == [.75, .65, .55, .45, .35]
