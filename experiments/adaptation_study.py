@@ -243,7 +243,7 @@ def _fmt(mean: float, std: float = float("nan"), digits: int = 3) -> str:
 
 
 def _table(flag: str, backbone: str, rows: list[Mapping[str, Any]]) -> str:
-  header = ("strategy", "labels", "trainable", "test AUC", "test ACC", "bal. acc", "ECE",
+  header = ("strategy", "labels", "seeds", "trainable", "test AUC", "test ACC", "bal. acc", "ECE",
             "ECE (T)", "clean → corrupted bal. acc", "step ×full", "peak MiB", "wall s")
   lines = [f"### {flag}, {backbone}", "", "| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
@@ -251,6 +251,7 @@ def _table(flag: str, backbone: str, rows: list[Mapping[str, Any]]) -> str:
     clean, corrupted = _stat(row, "robust/clean/bal_acc"), _stat(row, "robust/corrupted_mean/bal_acc")
     ratio = row.get("step_time_ratio", float("nan"))
     cells = [row["parts"]["strategy"], f"{row['parts']['fraction']:g}",
+             str(getattr(row.get("test/auc"), "n", 0)),
              f"{row['trainable_params']:,}" if row.get("trainable_params") else "n/a",
              _fmt(*_stat(row, "test/auc")), _fmt(*_stat(row, "test/acc")),
              _fmt(*_stat(row, "test/bal_acc")), _fmt(*_stat(row, "calib/ece")),
@@ -260,7 +261,7 @@ def _table(flag: str, backbone: str, rows: list[Mapping[str, Any]]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   if flag in MEDMNIST_C_ALEXNET:
     clean, corrupted = MEDMNIST_C_ALEXNET[flag]
-    lines.append(f"| MedMNIST-C AlexNet (224 px, paper) | 1 | | | | | | | {clean:.3f} → "
+    lines.append(f"| MedMNIST-C AlexNet (224 px, paper) | 1 | | | | | | | | {clean:.3f} → "
                  f"{corrupted:.3f} | | | |")
   return "\n".join(lines)
 

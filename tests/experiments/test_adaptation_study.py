@@ -111,7 +111,8 @@ def test_report_tables_and_pictures():
                            "plots/label_efficiency_breastmnist_vit.png",
                            "plots/robustness_breastmnist_vit.png"]
   table = files["adaptation_table.md"]
-  assert "| full | 1 | 1,000,000 | 0.850 ± 0.071 |" in table
+  assert "| full | 1 | 2 | 1,000,000 | 0.850 ± 0.071 |" in table  # 2 seeds.
+  assert "| bitfit | 1 | 1 | 1,000 | 0.850 |" in table
   assert "0.800 → 0.600" in table  # Clean -> mean corrupted, full fine-tuning.
   assert "| MedMNIST-C AlexNet (224 px, paper) | 1 |" in table and "0.855 → 0.701" in table
   assert all(v.startswith(b"\x89PNG") for k, v in files.items() if k.endswith(".png"))
