@@ -30,8 +30,8 @@ fractions (`+`-separated, default 0.01+0.1+1.0), seeds (default 3), epochs (defa
 over the subset, at least `min_steps` steps), min_steps (default 50), max_steps (default 0, no
 cap: a cap on the steps of every run, e.g. for a CPU budget on PneumoniaMNIST's 4,708 images),
 eval_batch (default 64: on the CPU a ViT-Ti/4 predicts 284 vs 186 images/s at batch 64 vs 256,
-EfficientNet-Lite0 at 64 px 761 vs 587; the robustness evaluator runs 40-65 passes), vit_init (default
-`foundation`; `scratch`, or a weights file), robustness
+EfficientNet-Lite0 at 64 px 761 vs 587; the robustness evaluator runs 40-65 passes), vit_init
+(default `foundation`; `scratch`, or a weights file), robustness
 (`all` or `none`), runlocal (a seconds-long smoke run of each).
 """
 from __future__ import annotations
@@ -134,8 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_name = "vit"
   config.model = dict(variant="mu/4" if args.runlocal else "Ti/4", pool_type="gap")
   config.input.update(dict(data=dict(name="medmnist", flag=args.datasets[0], size=28),
-                           pp="value_range(-1,1)", batch_size=BATCH, eval_batch_size=args.eval_batch,
-                           label_fraction=1.0))
+                           pp="value_range(-1,1)", batch_size=BATCH,
+                           eval_batch_size=args.eval_batch, label_fraction=1.0))
   config.evals.val = dict(name="classification", split="val")
   config.evals.test = dict(name="classification", split="test", periodic=False)
   config.evals.calib = dict(name="calibration", split="test", fit_split="val", periodic=False)
